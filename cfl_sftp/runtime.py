@@ -1,0 +1,386 @@
+"""The running service's shared state: policy in force, library catalogue, users' views, sessions, uploads.
+
+Requests read immutable snapshots (policy, catalogue, views) through single references that a reload swaps, so
+the read path takes no lock. Blocking work (database, disk, crypto) runs in worker threads; this module's
+methods that the event loop calls directly only look things up in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncssh
+import structlog
+
+from cfl_sftp.catalogue import Catalogue, CatalogueImage, library_version, load_catalogue
+from cfl_sftp.config import SessionLimits
+from cfl_sftp.deployment import Deployment
+from cfl_sftp.domain.entitlement import EstateView, build_estate_view, can_see_images, is_entitled, is_update
+from cfl_sftp.domain.model import Role
+from cfl_sftp.domain.receipt import Receipt
+from cfl_sftp.intake import PackageUpload, Uploader, feed_chunks
+from cfl_sftp.policy import PolicySnapshot
+from cfl_sftp.sftp.errors import no_such_file
+from cfl_sftp.sftp.handles import (
+    BytesHandle,
+    DecryptingHandle,
+    LibraryFileHandle,
+    PackageHandle,
+    ProcessedName,
+    ReadHandle,
+)
+from cfl_sftp.sftp.tree import ImageFile, Node, ReleaseNoteFile, StaticFile, build_library_folder
+from cfl_sftp.sftp.view import UserView
+from cfl_sftp.staging import StagingArea, StagingFile
+from cfl_sftp.storage import audit_store
+from cfl_sftp.storage.audit_store import AuditEvent
+from cfl_sftp.storage.library_repo import LibraryRepository
+from cfl_sftp.storage.models import HeldPackageRow, UploadRow, VaultObjectRow
+from cfl_sftp.storage.sealed import SealedReader, note_context, spool_context
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    user: str
+    organisation: str
+    peer: str
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListedFile:
+    """A receipt or held package as ``/receipts`` and ``/held`` list it."""
+
+    name: str
+    content: bytes
+    size: int
+    mtime: dt.datetime
+    key: str = ""
+
+
+class Runtime:
+    """Everything the SFTP sessions of one node share."""
+
+    def __init__(self, deployment: Deployment, snapshot: PolicySnapshot) -> None:
+        self.deployment = deployment
+        self.staging = StagingArea(deployment)
+        self._snapshot = snapshot
+        self._catalogue = Catalogue(version=(0, 0, 0), images=())
+        self._estate: EstateView = build_estate_view(snapshot, dt.datetime.now(dt.UTC).date())
+        self._views: dict[str, UserView | None] = {}
+        self._user_keys: dict[str, frozenset[bytes]] = {}
+        self._uploads: dict[tuple[str, str], PackageHandle] = {}
+        self._processed: dict[tuple[str, str], ProcessedName] = {}
+        self._connections: dict[str, dict[str, asyncssh.SSHServerConnection]] = {}
+        self._tasks: set[asyncio.Future[object]] = set()
+        # The gateway asks the deployment for the policy in force: make that this runtime's snapshot.
+        deployment.policy = lambda: self._snapshot
+
+    # -- policy and catalogue --------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> SessionLimits:
+        return self.deployment.config.limits
+
+    @property
+    def snapshot(self) -> PolicySnapshot:
+        return self._snapshot
+
+    def install_policy(self, snapshot: PolicySnapshot, on: dt.date | None = None) -> None:
+        """Put a validated policy set in force (one reference swap) and drop derived caches."""
+        estate = build_estate_view(snapshot, on or dt.datetime.now(dt.UTC).date())
+        self._snapshot, self._estate = snapshot, estate
+        self._views = {}
+        self._user_keys = {}
+        for user in list(self._connections):
+            if self.view_for(user) is None:
+                self.close_sessions_of(user)
+
+    def refresh_catalogue_now(self) -> None:
+        """Blocking: load the catalogue if the library changed (worker thread or start-up)."""
+        with self.deployment.db.reading() as session:
+            version = library_version(session)
+            if version == self._catalogue.version:
+                return
+            catalogue = load_catalogue(session)
+        self._catalogue = catalogue
+        self._views = {}
+
+    def library_changed(self) -> None:
+        self.track_task(asyncio.ensure_future(asyncio.to_thread(self.refresh_catalogue_now)))
+
+    def track_task(self, task: asyncio.Future[object]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- users -----------------------------------------------------------------------------------------
+
+    def _keys_of(self, username: str) -> frozenset[bytes]:
+        keys = self._user_keys.get(username)
+        if keys is None:
+            user = self._snapshot.user(username)
+            parsed: set[bytes] = set()
+            for line in user.keys if user is not None else ():
+                try:
+                    parsed.add(asyncssh.import_public_key(line).public_data)
+                except (asyncssh.KeyImportError, ValueError):
+                    continue
+            keys = frozenset(parsed)
+            self._user_keys[username] = keys
+        return keys
+
+    def key_allowed(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if key.get_fingerprint("sha256") in self._snapshot.revoked_fingerprints:
+            return False
+        return key.public_data in self._keys_of(username)
+
+    def ca_allowed(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return False
+
+    def view_for(self, username: str) -> UserView | None:
+        if username in self._views:
+            return self._views[username]
+        view = self._build_view(username)
+        self._views[username] = view
+        return view
+
+    def _build_view(self, username: str) -> UserView | None:
+        snapshot = self._snapshot
+        user = snapshot.user(username)
+        if user is None:
+            return None
+        organisation = snapshot.organisation(user.organisation)
+        if organisation is None:
+            return None
+        images = updates = None
+        if can_see_images(user, organisation):
+            admitted = self.deployment.config.gateway.admitted_purposes
+            entitled = [
+                image
+                for image in self._catalogue.images
+                if is_entitled(
+                    user, organisation, snapshot.roles, self._estate, image.device_type, image.device_model,
+                    image.purpose, admitted,
+                )
+            ]
+            reads_notes = Role.RELEASE_NOTES in user.roles
+            images = build_library_folder(entitled, with_notes=reads_notes, with_index=True)
+            newer = [
+                i for i in entitled
+                if is_update(self._estate, organisation.id, i.device_model, i.firmware_version)
+            ]
+            updates = build_library_folder(newer, with_notes=reads_notes, with_index=False)
+        return UserView(
+            user=username,
+            organisation=organisation.id,
+            images=images,
+            updates=updates,
+            uploader=Role.UPLOADER in user.roles,
+            auditor=Role.AUDITOR in user.roles and organisation.kind.value == "auditor",
+        )
+
+    def session_info(self, username: str, session_id: str, peer: str) -> SessionInfo | None:
+        view = self.view_for(username)
+        if view is None:
+            return None
+        return SessionInfo(username, view.organisation, peer, session_id)
+
+    def session_opened(self, username: str, session_id: str, peer: str, conn: asyncssh.SSHServerConnection) -> None:
+        self._connections.setdefault(username, {})[session_id] = conn
+        view = self.view_for(username)
+        self.audit_soon(AuditEvent("login-accepted", username, view.organisation if view else "", peer, {
+            "session": session_id}))
+
+    def session_closed(self, username: str, session_id: str, peer: str) -> None:
+        conns = self._connections.get(username, {})
+        conns.pop(session_id, None)
+        if not conns:
+            self._connections.pop(username, None)
+        view = self.view_for(username)
+        self.audit_soon(AuditEvent("session-closed", username, view.organisation if view else "", peer, {
+            "session": session_id}))
+
+    def close_sessions_of(self, username: str) -> None:
+        for conn in list(self._connections.get(username, {}).values()):
+            conn.close()
+
+    # -- audit -----------------------------------------------------------------------------------------
+
+    def _append_audit(self, event: AuditEvent) -> int:
+        with self.deployment.db.writing() as session:
+            return audit_store.append(session, event)
+
+    def audit_soon(self, event: AuditEvent) -> None:
+        """Record an entry without making the caller wait (the answer never waits on an audit entry)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._append_audit(event)
+            return
+        self.track_task(loop.run_in_executor(None, self._append_audit, event))
+
+    async def audit(self, event: AuditEvent) -> int:
+        return await asyncio.to_thread(self._append_audit, event)
+
+    # -- uploads ---------------------------------------------------------------------------------------
+
+    def upload_in_progress(self, username: str, name: str) -> bool:
+        return (username, name) in self._uploads
+
+    def begin_upload(self, username: str, name: str, handle: PackageHandle) -> None:
+        self._uploads[(username, name)] = handle
+        self._processed.pop((username, name), None)
+
+    def end_upload(self, username: str, name: str) -> None:
+        self._uploads.pop((username, name), None)
+
+    def processed_name(self, username: str, name: str) -> ProcessedName | None:
+        entry = self._processed.get((username, name))
+        if entry is not None and entry.expires < time.monotonic():
+            self._processed.pop((username, name), None)
+            return None
+        return entry
+
+    def record_processed(self, username: str, name: str, entry: ProcessedName) -> None:
+        self._processed[(username, name)] = entry
+
+    def forget_processed(self, username: str, name: str) -> bool:
+        return self._processed.pop((username, name), None) is not None
+
+    async def partial_upload(self, session: SessionInfo, handle: PackageHandle) -> None:
+        log.info("partial_upload", file_name=handle.name, bytes_received=handle.next_offset)
+        await self.audit(AuditEvent("partial-upload", session.user, session.organisation, session.peer, {
+            "file_name": handle.name, "bytes_received": handle.next_offset, "session": session.session_id}))
+
+    async def run_gateway_on_staged(self, session: SessionInfo, staged: StagingFile, new_name: str) -> Receipt:
+        """A staging file renamed to ``*.cfl``: read it through the gateway, then it leaves ``/incoming``."""
+
+        def run() -> Receipt:
+            reader = self.staging.reader(staged)
+            upload = PackageUpload(self.deployment, Uploader(session.user, session.organisation, session.peer),
+                                   new_name)
+            try:
+                receipt = feed_chunks(upload, reader.chunks())
+            finally:
+                reader.close()
+            self.staging.remove(session.user, staged.name)
+            return receipt
+
+        receipt = await asyncio.to_thread(run)
+        self.library_changed()
+        return receipt
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    async def open_node(self, node: Node, session: SessionInfo) -> ReadHandle:
+        if isinstance(node, StaticFile):
+            return BytesHandle(node.content)
+        if isinstance(node, ImageFile):
+            return await self._open_image(node.image, session)
+        if isinstance(node, ReleaseNoteFile):
+            return await self._open_note(node.image, session)
+        raise no_such_file()
+
+    async def _open_image(self, image: CatalogueImage, session: SessionInfo) -> ReadHandle:
+        path = self.deployment.data.image_path(image.sha256)
+        seq = await self.audit(AuditEvent("image-downloaded", session.user, session.organisation, session.peer, {
+            "path": image.ref.path, "sha256": image.sha256, "session": session.session_id}))
+
+        def closed(served: int) -> None:
+            self.audit_soon(AuditEvent("image-downloaded", session.user, session.organisation, session.peer, {
+                "path": image.ref.path, "sha256": image.sha256, "session": session.session_id,
+                "bytes_served": served, "opened_seq": seq}))
+
+        return LibraryFileHandle(path, image.size, closed)
+
+    async def _open_note(self, image: CatalogueImage, session: SessionInfo) -> ReadHandle:
+        object_id = image.release_notes_object
+        if object_id is None:
+            raise no_such_file()
+
+        def open_reader() -> SealedReader:
+            with self.deployment.db.reading() as db:
+                row = db.get(VaultObjectRow, object_id)
+            if row is None:
+                raise no_such_file()
+            return SealedReader.open(self.deployment.vault.path_of(object_id), row, self.deployment.keyring,
+                                     note_context(image.sha256))
+
+        reader = await asyncio.to_thread(open_reader)
+        await self.audit(AuditEvent("release-note-read", session.user, session.organisation, session.peer, {
+            "path": f"{image.ref.folder}/{image.release_notes_name}", "image_sha256": image.sha256,
+            "session": session.session_id}))
+        return DecryptingHandle(reader)
+
+    async def receipts(self, organisation: str) -> list[ListedFile]:
+        def load() -> list[ListedFile]:
+            with self.deployment.db.reading() as db:
+                return [
+                    ListedFile(f"{row.upload_id}.json", row.receipt, len(row.receipt), row.received_at)
+                    for row in LibraryRepository(db).uploads_of(organisation)
+                ]
+
+        return await asyncio.to_thread(load)
+
+    async def receipt(self, organisation: str, name: str) -> ListedFile | None:
+        if not name.endswith(".json"):
+            return None
+        upload_id = name.removesuffix(".json")
+
+        def load() -> ListedFile | None:
+            with self.deployment.db.reading() as db:
+                row = db.get(UploadRow, upload_id)
+                if row is None or row.organisation != organisation:
+                    return None
+                return ListedFile(name, row.receipt, len(row.receipt), row.received_at)
+
+        return await asyncio.to_thread(load)
+
+    async def held_files(self, organisation: str) -> list[ListedFile]:
+        def load() -> list[ListedFile]:
+            with self.deployment.db.reading() as db:
+                return [
+                    ListedFile(f"{row.upload_id}-{row.file_name}", b"", row.size, row.held_at, row.upload_id)
+                    for row in LibraryRepository(db).held(organisation)
+                ]
+
+        return await asyncio.to_thread(load)
+
+    async def held_file(self, organisation: str, name: str) -> ListedFile | None:
+        for held in await self.held_files(organisation):
+            if held.name == name:
+                return held
+        return None
+
+    async def open_held(self, organisation: str, name: str) -> ReadHandle:
+        held = await self.held_file(organisation, name)
+        if held is None:
+            raise no_such_file()
+
+        def open_reader() -> SealedReader:
+            with self.deployment.db.reading() as db:
+                row = db.get(HeldPackageRow, held.key)
+                vault_row = db.get(VaultObjectRow, row.vault_object) if row is not None else None
+            if vault_row is None:
+                raise no_such_file()
+            return SealedReader.open(self.deployment.spool.path_of(vault_row.object_id), vault_row,
+                                     self.deployment.keyring, spool_context(vault_row.object_id))
+
+        return DecryptingHandle(await asyncio.to_thread(open_reader))
+
+    # -- audit folders (served in full by the audit trail's own module) ---------------------------------
+
+    async def audit_stat(self, parts: tuple[str, ...]) -> asyncssh.SFTPAttrs:
+        raise no_such_file()
+
+    def audit_listing(self, parts: tuple[str, ...]) -> AsyncIterator[asyncssh.SFTPName]:
+        raise no_such_file()
+
+    async def open_audit(self, parts: tuple[str, ...]) -> ReadHandle:
+        raise no_such_file()

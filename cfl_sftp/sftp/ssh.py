@@ -1,0 +1,140 @@
+"""SSH: public-key authentication against the policy in force, and SFTP as the only thing a session may do.
+
+No passwords, keyboard-interactive, shell, exec (so no legacy SCP protocol), port or agent forwarding. The SFTP
+subsystem runs our own handler subclass, which differs from asyncssh's in two documented ways: it accepts a
+WRITE that carries bytes after its declared data (rclone 1.60 sends such packets; OpenSSH's server ignores the
+extra bytes, and so do we), and it tells our server when a session ends with handles still open, so that a
+package in progress is discarded instead of sent to the gateway.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+from typing import TYPE_CHECKING, Any, cast
+
+import asyncssh
+import structlog
+from asyncssh.channel import SSHChannel
+from asyncssh.packet import SSHPacket
+from asyncssh.sftp import SFTPServerHandler
+from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
+
+from cfl_sftp.sftp.server import LibrarySFTPServer
+
+if TYPE_CHECKING:
+    from cfl_sftp.runtime import Runtime, SessionInfo
+
+log = structlog.get_logger(__name__)
+
+SFTP_VERSION = 3
+FXP_WRITE = 6  # SSH_FXP_WRITE (draft-ietf-secsh-filexfer-02)
+
+
+class LibrarySFTPHandler(SFTPServerHandler):
+    """asyncssh's SFTP server handler with the two changes above."""
+
+    async def _process_lenient_write(self, packet: SSHPacket) -> int:
+        handle = packet.get_string()
+        offset = packet.get_uint64()
+        data = packet.get_string()
+        # No packet.check_end(): trailing bytes after the data are ignored, as OpenSSH does.
+        file_obj = self._file_handles.get(handle)
+        if not file_obj:
+            raise asyncssh.SFTPInvalidHandle("Invalid file handle")
+        result = self._server.write(file_obj, offset, data)
+        if inspect.isawaitable(result):
+            result = await result
+        return int(result)
+
+    _packet_handlers = {  # noqa: RUF012 - asyncssh looks the table up on the class
+        **SFTPServerHandler._packet_handlers,
+        FXP_WRITE: cast(Any, _process_lenient_write),
+    }
+
+    async def _cleanup(self, exc: Exception | None) -> None:
+        server = self._server
+        if isinstance(server, LibrarySFTPServer):
+            server.ending = True
+        await super()._cleanup(exc)
+
+
+class LibrarySession(SSHServerStreamSession[bytes]):
+    """A session channel that can only start the ``sftp`` subsystem, served by :class:`LibrarySFTPHandler`."""
+
+    def __init__(self, runtime: Runtime, session: SessionInfo) -> None:
+        def factory(chan: SSHChannel[bytes]) -> LibrarySFTPServer:
+            return LibrarySFTPServer(cast("asyncssh.SSHServerChannel[bytes]", chan), runtime, session)
+
+        # No session factory and no SCP: shell and exec requests are refused by the base class.
+        super().__init__(None, sftp_factory=factory, sftp_version=SFTP_VERSION, allow_scp=False)
+
+    def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
+        return False
+
+    def session_started(self) -> None:
+        chan = cast("asyncssh.SSHServerChannel[bytes]", self._chan)
+        if chan.get_subsystem() != "sftp":  # pragma: no cover - subsystem_requested refused it already
+            chan.close()
+            return
+        reader: SSHReader[bytes] = SSHReader(self, chan)
+        writer: SSHWriter[bytes] = SSHWriter(self, chan)
+        server = cast(LibrarySFTPServer, self._init_sftp_server())
+        handler = LibrarySFTPHandler(server, reader, writer, SFTP_VERSION)
+        chan.get_connection().create_task(handler.run(), reader.logger)
+
+
+class LibrarySSHServer(asyncssh.SSHServer):
+    """One per connection: authenticates against the policy in force at that moment."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._peer = "unknown"
+        self._session_id = secrets.token_hex(6)
+        self._user: str | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        peer = conn.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+        structlog.contextvars.bind_contextvars(session=self._session_id, peer=self._peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._user is not None:
+            self._runtime.session_closed(self._user, self._session_id, self._peer)
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # always ask, so that valid and invalid user names look the same
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return self._runtime.key_allowed(username, key)
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return self._runtime.ca_allowed(username, key)
+
+    def auth_completed(self) -> None:
+        assert self._conn is not None
+        self._user = self._conn.get_extra_info("username")
+        assert self._user is not None
+        self._runtime.session_opened(self._user, self._session_id, self._peer, self._conn)
+
+    def session_requested(self) -> LibrarySession | bool:
+        if self._user is None:
+            return False
+        info = self._runtime.session_info(self._user, self._session_id, self._peer)
+        if info is None:
+            return False
+        return LibrarySession(self._runtime, info)
