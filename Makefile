@@ -21,7 +21,7 @@ tools:
 	./.ci/install-tools
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check cfl_sftp tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m mypy
 
 test: $(VENV)/.installed tools lint

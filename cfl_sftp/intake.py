@@ -38,7 +38,7 @@ from cfl_sftp.storage import audit_store
 from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.storage.library_repo import LibraryRepository, image_ref
 from cfl_sftp.storage.models import DeviceModelRow, HeldPackageRow, ImageRow, UploadRow, VaultObjectRow
-from cfl_sftp.storage.sealed import SealedObject, SealedWriter, note_context, spool_context
+from cfl_sftp.storage.sealed import SYNC_EVERY_BYTES, SealedObject, SealedWriter, note_context, spool_context
 
 log = structlog.get_logger(__name__)
 
@@ -67,13 +67,19 @@ def rules_from(snapshot: PolicySnapshot, deployment: Deployment, organisation: s
 
 
 class _FileSink:
-    """The image member, written in clear to a temp file (images are not secret) and fsynced on close."""
+    """The image member, written in clear to a temp file (images are not secret), flushed to disk as it grows."""
 
     def __init__(self, handle: BinaryIO) -> None:
         self.handle = handle
+        self._unsynced = 0
 
     def write(self, data: bytes) -> None:
         self.handle.write(data)
+        self._unsynced += len(data)
+        if self._unsynced >= SYNC_EVERY_BYTES:
+            self.handle.flush()
+            os.fdatasync(self.handle.fileno())
+            self._unsynced = 0
 
 
 class PackageUpload:
