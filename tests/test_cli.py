@@ -25,7 +25,8 @@ from tests.factory import (
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cfl_sftp.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+        [sys.executable, "-m", "cfl_sftp.cli", *args],
+        check=False, capture_output=True, text=True, timeout=120, cwd=cwd,
     )
 
 

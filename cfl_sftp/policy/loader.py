@@ -776,7 +776,7 @@ def _estate_fast(context: _Context, organisation: str, rows: str) -> Estate | No
     rows = rows.rstrip("\n") + "\n" if rows.strip("\n") else ""
     count = rows.count("\n")
     rests = _ROW_REST.findall(rows)
-    if len(rests) != count:
+    if len(rests) != count:  # the device id check below would also catch this; the lists must align with lines
         return None
     codes: dict[str, int] = {}
     entries: list[EstateEntry] = []
