@@ -156,15 +156,25 @@ def compile_estates(estates: Iterable[Estate]) -> EstateTimeline:
     estates = list(estates)
     conflicts: list[DuplicateDevice] = []
     moved: set[str] = set()
+    listing_twice: set[str] = set()
+    # Largest estate first: its own set starts ``seen`` without a copy, and the last one is never added to it
+    # (growing a set of millions of ids is the costliest step here).
+    by_size = sorted(estates, key=len, reverse=True)
     seen: set[str] = set()
-    for estate in estates:
+    for position, estate in enumerate(by_size):
         own = set(estate.device_ids)
         if len(own) != len(estate.device_ids):
-            conflicts.extend(_listed_twice(estate))
-        if len(estates) > 1:
-            moved |= seen & own
+            listing_twice.add(estate.organisation)
+        if position == 0:
+            seen = own
+            continue
+        moved |= seen & own
+        if position < len(by_size) - 1:
             seen |= own
-    del seen
+    del seen, by_size
+    for estate in estates:
+        if estate.organisation in listing_twice:
+            conflicts.extend(_listed_twice(estate))
 
     lowest: dict[tuple[str, DeviceModel, int, int], int] = {}
 
