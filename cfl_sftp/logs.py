@@ -50,3 +50,4 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
     root.setLevel(level.upper())
     # asyncssh logs every packet at debug and every channel at info; warnings are what operators need.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

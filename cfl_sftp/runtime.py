@@ -193,6 +193,7 @@ class Runtime:
 
     def session_opened(self, username: str, session_id: str, peer: str, conn: asyncssh.SSHServerConnection) -> None:
         self._connections.setdefault(username, {})[session_id] = conn
+        log.info("login_accepted", session=session_id, user=username, peer=peer)
         view = self.view_for(username)
         self.audit_soon(AuditEvent("login-accepted", username, view.organisation if view else "", peer, {
             "session": session_id}))
@@ -202,6 +203,7 @@ class Runtime:
         conns.pop(session_id, None)
         if not conns:
             self._connections.pop(username, None)
+        log.info("session_closed", session=session_id, user=username, peer=peer)
         view = self.view_for(username)
         self.audit_soon(AuditEvent("session-closed", username, view.organisation if view else "", peer, {
             "session": session_id}))

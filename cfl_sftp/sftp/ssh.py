@@ -9,6 +9,8 @@ package in progress is discarded instead of sent to the gateway.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import inspect
 import secrets
 from typing import TYPE_CHECKING, Any, cast
@@ -68,6 +70,8 @@ class LibrarySession(SSHServerStreamSession[bytes]):
 
         # No session factory and no SCP: shell and exec requests are refused by the base class.
         super().__init__(None, sftp_factory=factory, sftp_version=SFTP_VERSION, allow_scp=False)
+        self._info = session
+        self._info_tasks: set[asyncio.Task[None]] = set()
 
     def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
         return False
@@ -81,7 +85,16 @@ class LibrarySession(SSHServerStreamSession[bytes]):
         writer: SSHWriter[bytes] = SSHWriter(self, chan)
         server = cast(LibrarySFTPServer, self._init_sftp_server())
         handler = LibrarySFTPHandler(server, reader, writer, SFTP_VERSION)
-        chan.get_connection().create_task(handler.run(), reader.logger)
+        # Every log line this session causes carries its id, user and peer: bind them in a context of the
+        # session's own task (binding in a protocol callback would leak into every later connection).
+        context = contextvars.copy_context()
+        context.run(
+            structlog.contextvars.bind_contextvars,
+            session=self._info.session_id, user=self._info.user, peer=self._info.peer,
+        )
+        task = asyncio.get_running_loop().create_task(handler.run(), context=context)
+        self._info_tasks.add(task)
+        task.add_done_callback(self._info_tasks.discard)
 
 
 class LibrarySSHServer(asyncssh.SSHServer):
@@ -98,7 +111,6 @@ class LibrarySSHServer(asyncssh.SSHServer):
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "unknown"
-        structlog.contextvars.bind_contextvars(session=self._session_id, peer=self._peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._user is not None:
