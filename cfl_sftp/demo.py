@@ -15,7 +15,9 @@ import json
 import os
 import re
 import shlex
+import shutil
 import struct
+import sys
 from pathlib import Path
 
 import asyncssh
@@ -190,18 +192,20 @@ def create_demo(directory: Path, port: int) -> Path:
     _package(packages / "esme-00000200-rebuild.cfl", signing,
              _manifest(ESME_MODEL, "ESME", "00000200", "security-fix"),
              ota_image(MANUFACTURER_ID, "00000200", 40 * 1024, b"esme-200-rebuild"), None)
-    # Signed with a key nobody registered: rejected as bad-signature.
-    _package(packages / "gsme-00000105-unsigned.cfl", ed25519.Ed25519PrivateKey.generate(),
-             _manifest(GSME_MODEL, "GSME", "00000105", "compliance"),
+    _package(packages / "gsme-00000105.cfl", signing, _manifest(GSME_MODEL, "GSME", "00000105", "compliance"),
              ota_image(MANUFACTURER_ID, "00000105", 32 * 1024, b"gsme-105"), None)
+    # Signed with a key nobody registered: rejected as bad-signature.
+    _package(packages / "gsme-00000106-unsigned.cfl", ed25519.Ed25519PrivateKey.generate(),
+             _manifest(GSME_MODEL, "GSME", "00000106", "compliance"),
+             ota_image(MANUFACTURER_ID, "00000106", 32 * 1024, b"gsme-106"), None)
 
     config = load_config(config_path)
     deployment = Deployment.open(config)
     try:
-        with (packages / "esme-00000200.cfl").open("rb") as source:
-            upload = PackageUpload(deployment, Uploader("acme-release", "acme-meters", "demo-setup"),
-                                   "esme-00000200.cfl")
-            feed_chunks(upload, file_chunks(source))
+        for seeded in ("esme-00000200.cfl", "gsme-00000105.cfl"):
+            with (packages / seeded).open("rb") as source:
+                upload = PackageUpload(deployment, Uploader("acme-release", "acme-meters", "demo-setup"), seeded)
+                feed_chunks(upload, file_chunks(source))
     finally:
         deployment.close()
     return config_path
@@ -225,6 +229,7 @@ def instructions(directory: Path, port: int) -> str:
                 f"-o UserKnownHostsFile={shlex.quote(str(known))} -o IdentitiesOnly=yes {user}@127.0.0.1")
 
     pkg = d / "packages"
+    cli = shutil.which("cfl-sftp") or str(Path(sys.argv[0]).resolve())
     return f"""
 cfl-sftp demo is serving {d} on 127.0.0.1:{port}. Try, in another terminal:
 
@@ -233,18 +238,22 @@ cfl-sftp demo is serving {d} on 127.0.0.1:{port}. Try, in another terminal:
 get /images/index.json /tmp/index.json
 get /images/ESME/1A2B/0001/0100/00000200/release-notes.md /tmp/release-notes.md'
 
-  # Southern Power holds gas meters only: it sees no ESME image (until its Change of Supplier date)
-  {sftp('southern-gas')} <<< 'ls -R /images'
+  # Southern Power's gas team sees its GSME image and no ESME one (its ESME meter moves in a week)
+  {sftp('southern-gas')} <<< 'ls /images
+ls -l /images/GSME/1A2B/0002/0100/00000105
+get /images/index.json /tmp/southern-index.json'
 
   # The manufacturer uploads a new version (accepted), a conflicting rebuild (held) and a bad signature
   # (rejected: the close fails, the receipt says why)
   {sftp('acme-release')} <<< 'put {pkg / 'esme-00000300.cfl'} /incoming/
 put {pkg / 'esme-00000200-rebuild.cfl'} /incoming/
--put {pkg / 'gsme-00000105-unsigned.cfl'} /incoming/
-ls -l /receipts /held'
+-put {pkg / 'gsme-00000106-unsigned.cfl'} /incoming/
+ls -l /receipts
+ls -l /held'
+  # then read a receipt:  get /receipts/<upload_id>.json -   (inside sftp)
 
-  # Operators:  cfl-sftp library list --config {d / 'cfl-sftp.toml'}
-  #             cfl-sftp held list --config {d / 'cfl-sftp.toml'}
+  # Operators:  {cli} library list --config {d / 'cfl-sftp.toml'}
+  #             {cli} held list --config {d / 'cfl-sftp.toml'}
 
 Stop with Ctrl-C.
 """
