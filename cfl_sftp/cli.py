@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -247,6 +249,121 @@ def cmd_held_purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_vault_rotate(args: argparse.Namespace) -> int:
+    from cfl_sftp.vault_admin import FinishReport, finish_rotation, rotate_key
+
+    deployment = _open_deployment(args)
+    try:
+        report = finish_rotation(deployment) if args.finish else rotate_key(deployment)
+    finally:
+        deployment.close()
+    if not isinstance(report, FinishReport):
+        old = ", ".join(report.old_key_ids)
+        print(f"added {report.new_key_id} as the wrapping key (old: {old})" if report.key_added
+              else f"continuing the rotation to {report.new_key_id} (old: {old})")
+    print(f"re-wrapped {report.rewrap.rewrapped} data key(s) under {report.rewrap.wrapping_key_id}")
+    if report.rewrap.unreadable:
+        raise Refused(f"{len(report.rewrap.unreadable)} data key(s) did not unwrap and stay under an old key "
+                      "(tampered, moved, or under a key the ring lacks; object ids in the log)")
+    if not isinstance(report, FinishReport):
+        print("next, once every node runs with this ring: cfl-sftp vault rotate-key --finish")
+    elif report.ring_rewritten:
+        print(f"dropped {', '.join(report.dropped_key_ids)}: the key ring holds {report.kept_key_id} only")
+    elif report.dropped_key_ids:
+        print(f"every data key is under {report.kept_key_id}: remove the lines of "
+              f"{', '.join(report.dropped_key_ids)} from the credential on every node (docs/vault.md)")
+    else:
+        print(f"nothing to drop: the key ring holds {report.kept_key_id} only")
+    return EXIT_OK
+
+
+class _ProgressBar:
+    """``verifying 12,345 / 1,000,000 entries (1%)`` redrawn in place on stderr, at most ten times a second."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._drawn = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._drawn < 0.1 and done < total:
+            return
+        self._drawn = now
+        percent = 100 * done // total if total else 100
+        sys.stderr.write(f"\r{self._label} {done:,} / {total:,} entries ({percent}%)")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self._drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from cfl_sftp.audit_trail import AuditTrailError, verify_trail
+    from cfl_sftp.deployment import KeyFileError
+
+    deployment = _open_deployment(args)
+    bar = _ProgressBar("verifying") if sys.stderr.isatty() else None
+    try:
+        report = verify_trail(deployment, progress=bar)
+    except KeyFileError as exc:
+        raise Refused(str(exc)) from exc
+    except AuditTrailError as exc:
+        raise Refused(f"audit trail does not verify: {exc}") from exc
+    finally:
+        if bar is not None:
+            bar.clear()
+        deployment.close()
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"audit trail verified: {report.entries} entries, {report.checkpoints} checkpoint(s), root "
+          f"{report.root.hex()}")
+    if report.covered:
+        print(f"seq 1 to {report.covered} are covered by the newest checkpoint ({report.covered})")
+    if report.uncovered:
+        first = report.covered + 1
+        span = f"seq {first}" if report.uncovered == 1 else f"seq {first} to {report.entries}"
+        print(f"{span} ({report.uncovered} entr{'y' if report.uncovered == 1 else 'ies'}) not yet covered by a "
+              "checkpoint")
+    return EXIT_OK
+
+
+def cmd_audit_prove(args: argparse.Namespace) -> int:
+    from cfl_sftp.audit_trail import AuditTrailError, prove_entry
+    from cfl_sftp.deployment import KeyFileError
+
+    deployment = _open_deployment(args)
+    try:
+        proof = prove_entry(deployment, args.seq)
+    except (AuditTrailError, KeyFileError) as exc:
+        raise Refused(str(exc)) from exc
+    finally:
+        deployment.close()
+    print(json.dumps(proof.as_json(), indent=2))
+    return EXIT_OK
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from cfl_sftp.audit_trail import export_entries, parse_since
+
+    try:
+        since = parse_since(args.since) if args.since is not None else None
+    except ValueError as exc:
+        raise Refused(f"--since: {exc}") from exc
+    deployment = _open_deployment(args)
+    out = sys.stdout.buffer
+    try:
+        for entry in export_entries(deployment, since):
+            out.write(entry + b"\n")
+        out.flush()
+    except BrokenPipeError:  # `cfl-sftp audit export | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        deployment.close()
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from cfl_sftp.service import serve
 
@@ -325,6 +442,23 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--reason", required=True, metavar="TEXT")
     purge = command("purge", cmd_held_purge, "delete a held package for good", held)
     purge.add_argument("id", metavar="ID")
+
+    vault = commands.add_parser("vault", help="the release-note vault").add_subparsers(
+        dest="vault_command", required=True, metavar="COMMAND"
+    )
+    rotate = command("rotate-key", cmd_vault_rotate, "add a new key-encryption key and re-wrap every data key "
+                     "under it", vault)
+    rotate.add_argument("--finish", action="store_true", help="re-wrap what is left, then drop the old keys")
+
+    audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="audit_command", required=True, metavar="COMMAND"
+    )
+    command("verify", cmd_audit_verify, "recompute the audit tree from the entries and check every checkpoint",
+            audit)
+    prove = command("prove", cmd_audit_prove, "print the inclusion proof of one entry as JSON", audit)
+    prove.add_argument("seq", type=int, metavar="SEQ")
+    export = command("export", cmd_audit_export, "print the entries' exact bytes, one per line", audit)
+    export.add_argument("--since", metavar="T", help="an RFC 3339 time (2025-03-01T00:00:00Z) or a seq number")
 
     db = commands.add_parser("db", help="the database").add_subparsers(
         dest="db_command", required=True, metavar="COMMAND"

@@ -147,9 +147,9 @@ class PackageUpload:
         try:
             return self._commit(package, verdict, spooled, notes)
         finally:
-            self._image_path.unlink(missing_ok=True)
-            spooled.path.unlink(missing_ok=True)
-            notes.path.unlink(missing_ok=True)
+            # The verdict does not wait for the filesystem to free a large file's blocks.
+            for leftover in (self._image_path, spooled.path, notes.path):
+                self._deployment.data.discard(leftover)
 
     # -- committing ------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from cfl_sftp.domain.model import Role
 from cfl_sftp.domain.receipt import Receipt
 from cfl_sftp.intake import PackageUpload, Uploader, feed_chunks
 from cfl_sftp.policy import PolicySnapshot
+from cfl_sftp.sftp import audit_folder, auth
 from cfl_sftp.sftp.errors import no_such_file
 from cfl_sftp.sftp.handles import (
     BytesHandle,
@@ -74,7 +75,7 @@ class Runtime:
         self._catalogue = Catalogue(version=(0, 0, 0), images=())
         self._estate: EstateView = build_estate_view(snapshot, dt.datetime.now(dt.UTC).date())
         self._views: dict[str, UserView | None] = {}
-        self._user_keys: dict[str, frozenset[bytes]] = {}
+        self.credentials = auth.CredentialBook()
         self._uploads: dict[tuple[str, str], PackageHandle] = {}
         self._processed: dict[tuple[str, str], ProcessedName] = {}
         self._connections: dict[str, dict[str, asyncssh.SSHServerConnection]] = {}
@@ -92,15 +93,20 @@ class Runtime:
     def snapshot(self) -> PolicySnapshot:
         return self._snapshot
 
-    def install_policy(self, snapshot: PolicySnapshot, on: dt.date | None = None) -> None:
-        """Put a validated policy set in force (one reference swap) and drop derived caches."""
-        estate = build_estate_view(snapshot, on or dt.datetime.now(dt.UTC).date())
+    def install_policy(
+        self, snapshot: PolicySnapshot, on: dt.date | None = None, *, estate: EstateView | None = None
+    ) -> None:
+        """Put a validated policy set in force (one reference swap) and drop derived caches.
+
+        ``estate`` is the set's view for today when the caller built it off the loop (O(spans): large estates).
+        """
+        estate = estate or build_estate_view(snapshot, on or dt.datetime.now(dt.UTC).date())
         self._snapshot, self._estate = snapshot, estate
         self._views = {}
-        self._user_keys = {}
         for user in list(self._connections):
-            if self.view_for(user) is None:
+            if snapshot.user(user) is None:  # what view_for would say, without building views on the loop
                 self.close_sessions_of(user)
+        self.credentials.close_refused(snapshot)
 
     def refresh_catalogue_now(self) -> None:
         """Blocking: load the catalogue if the library changed (worker thread or start-up)."""
@@ -121,27 +127,11 @@ class Runtime:
 
     # -- users -----------------------------------------------------------------------------------------
 
-    def _keys_of(self, username: str) -> frozenset[bytes]:
-        keys = self._user_keys.get(username)
-        if keys is None:
-            user = self._snapshot.user(username)
-            parsed: set[bytes] = set()
-            for line in user.keys if user is not None else ():
-                try:
-                    parsed.add(asyncssh.import_public_key(line).public_data)
-                except (asyncssh.KeyImportError, ValueError):
-                    continue
-            keys = frozenset(parsed)
-            self._user_keys[username] = keys
-        return keys
-
     def key_allowed(self, username: str, key: asyncssh.SSHKey) -> bool:
-        if key.get_fingerprint("sha256") in self._snapshot.revoked_fingerprints:
-            return False
-        return key.public_data in self._keys_of(username)
+        return auth.key_allowed(self._snapshot, username, key.public_data)
 
     def ca_allowed(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return False
+        return auth.ca_trusted(self._snapshot, key.public_data)
 
     def view_for(self, username: str) -> UserView | None:
         if username in self._views:
@@ -379,10 +369,10 @@ class Runtime:
     # -- audit folders (served in full by the audit trail's own module) ---------------------------------
 
     async def audit_stat(self, parts: tuple[str, ...]) -> asyncssh.SFTPAttrs:
-        raise no_such_file()
+        return await audit_folder.stat(self.deployment, parts)
 
     def audit_listing(self, parts: tuple[str, ...]) -> AsyncIterator[asyncssh.SFTPName]:
-        raise no_such_file()
+        return audit_folder.listing(self.deployment, parts)
 
     async def open_audit(self, parts: tuple[str, ...]) -> ReadHandle:
-        raise no_such_file()
+        return await audit_folder.open_file(self.deployment, parts)

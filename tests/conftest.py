@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.deployments import DeploymentUnderTest, make_deployment
+from tests.sftp_support import SEEDED_CHF, SEEDED_ESME, SftpServer, make_template, start_sftp_server
 
 POSTGRESQL_URL_ENV = "CFL_SFTP_TEST_POSTGRESQL_URL"
 
@@ -18,3 +19,31 @@ def td(tmp_path: Path) -> Iterator[DeploymentUnderTest]:
     deployment = make_deployment(tmp_path)
     yield deployment
     deployment.deployment.close()
+
+
+# -- SFTP integration tests (tests/sftp_support.py) ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sftp_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One deployment made per test run; each SFTP test starts its service on a private copy of it."""
+    return make_template(tmp_path_factory.mktemp("sftp-template"))
+
+
+@pytest.fixture
+async def sftp_server(tmp_path: Path, sftp_template: Path) -> AsyncIterator[SftpServer]:
+    """A running service on an ephemeral 127.0.0.1 port with the test policy set and an empty library."""
+    server = await start_sftp_server(tmp_path, template=sftp_template)
+    try:
+        yield server
+    finally:
+        await server.service.stop()
+
+
+@pytest.fixture
+async def seeded_server(sftp_server: SftpServer) -> SftpServer:
+    """:func:`sftp_server` with one ESME image of ``1A2B/0001/0100`` (firmware ``00000010``, release notes)
+    and one CHF image of ``1A2B/0002/0100`` (``southern-ops`` only) in the library."""
+    await sftp_server.seed(SEEDED_ESME)
+    await sftp_server.seed(SEEDED_CHF, name="chf.cfl")
+    return sftp_server

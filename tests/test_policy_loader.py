@@ -512,11 +512,20 @@ def test_bad_product_list_rows_are_reported_on_their_lines(tmp_path: Path) -> No
 def test_revoked_keys_are_read_as_fingerprints_or_kept_as_a_binary_krl(tmp_path: Path) -> None:
     fingerprint = "SHA256:" + "A" * 43
     text_set = write_set(tmp_path / "text", valid_files({"revoked-keys": f"# revoked\n{fingerprint}\n"}))
-    krl = b"SSHKRL\n\0" + bytes(range(40))
+    # An empty KRL as ssh-keygen -k writes it: magic, format 1, version, date, flags, reserved, comment.
+    krl = b"SSHKRL\n\0" + (1).to_bytes(4, "big") + bytes(24) + bytes(4) + bytes(4)
     binary_set = write_set(tmp_path / "binary", valid_files({"revoked-keys": krl}))
 
     assert load_policy_set(text_set, today=TODAY).revoked_fingerprints == frozenset({fingerprint})
     assert load_policy_set(binary_set, today=TODAY).revoked_krl == krl
+
+
+def test_a_binary_krl_that_cannot_be_parsed_is_refused_at_line_1(tmp_path: Path) -> None:
+    krl = b"SSHKRL\n\0" + bytes(range(40))
+    problem = only_problem(write_set(tmp_path, valid_files({"revoked-keys": krl})))
+
+    assert (problem.file, problem.line) == ("revoked-keys", 1)
+    assert problem.reason.startswith("not a valid OpenSSH KRL")
 
 
 def test_a_revoked_keys_line_that_is_no_fingerprint_is_refused(tmp_path: Path) -> None:

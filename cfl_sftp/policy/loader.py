@@ -51,6 +51,7 @@ from cfl_sftp.domain.entitlement import (
 from cfl_sftp.domain.errors import PolicyError, PolicyProblem
 from cfl_sftp.domain.model import DeviceModel, DeviceType, OrganisationKind, Role
 from cfl_sftp.domain.signature import ManufacturerKey, load_manufacturer_key
+from cfl_sftp.policy.krl import KRL_MAGIC, parse_krl
 from cfl_sftp.policy.snapshot import Organisation, PolicySnapshot, ProductListEntry, User
 
 ORGANISATIONS_FILE = "organisations.toml"
@@ -69,8 +70,6 @@ ESTATE_HEADER = "device_id,manufacturer_id,model_id,hardware_version,firmware_ve
 PRODUCT_LIST_HEADER = "manufacturer_id,model_id,hardware_version,firmware_version,image_sha256"
 
 MAX_PROBLEMS_PER_FILE = 1000
-
-KRL_MAGIC = b"SSHKRL\n\0"
 
 _SLUG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 _USER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -957,6 +956,11 @@ def _load_revoked(context: _Context) -> tuple[frozenset[str], bytes | None]:
     if data is None:
         return frozenset(), None
     if data.startswith(KRL_MAGIC):
+        try:
+            parse_krl(data)
+        except ValueError as exc:
+            context.problems.add(REVOKED_KEYS_FILE, 1, f"not a valid OpenSSH KRL: {exc}")
+            return frozenset(), None
         return frozenset(), data
     text = context.text(REVOKED_KEYS_FILE)
     if text is None:

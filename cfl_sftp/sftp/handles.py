@@ -8,6 +8,7 @@ Package uploads are fed to the gateway in batches by a worker thread, so the eve
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ class ReadHandle:
         raise NotImplementedError
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == getattr(os, "SEEK_HOLE", -1):
-            return self.size
+        if whence in (getattr(os, "SEEK_DATA", -1), getattr(os, "SEEK_HOLE", -1)):
+            if offset >= self.size:  # as lseek(2): no data at or past the end (the ranges loop stops here)
+                raise OSError(errno.ENXIO, "No data past the end of the file")
+            return offset if whence == getattr(os, "SEEK_DATA", -1) else self.size
         return offset
 
     async def close(self) -> None:
@@ -114,17 +117,24 @@ class ProcessedName:
     expires: float
 
 
+def no_ranges(offset: int, whence: int = os.SEEK_SET) -> int:
+    """``seek`` of a handle open for writing: ``ranges@asyncssh.com`` answers only on files open for reading."""
+    raise asyncssh.SFTPOpUnsupported("Data ranges are answered only for files open for reading")
+
+
 class PackageHandle:
     """A ``*.cfl`` being uploaded. Writes must come in order (every SFTP client sends them so)."""
+
+    seek = staticmethod(no_ranges)
 
     def __init__(self, upload: PackageUpload, name: str) -> None:
         self.upload = upload
         self.name = name
         self.next_offset = 0
         self.out_of_order = False
-        self._batch = bytearray()
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
         self._in_flight: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
 
     async def write(self, offset: int, data: bytes) -> None:
         if offset != self.next_offset:
@@ -132,18 +142,23 @@ class PackageHandle:
             self.out_of_order = True
             raise asyncssh.SFTPFailure("Packages are written front to back; this write is out of order.")
         self.next_offset += len(data)
-        self._batch += data
-        if len(self._batch) >= UPLOAD_BATCH_BYTES:
+        self._batch.append(data)  # kept as received: no copy on the event loop
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= UPLOAD_BATCH_BYTES:
             await self._flush()
 
+    def _write_all(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.upload.write(chunk)
+
     async def _flush(self) -> None:
+        """Hand the batch to a worker thread; at most one batch is in flight, so memory stays bounded."""
         if self._in_flight is not None:
             await self._in_flight
             self._in_flight = None
         if self._batch:
-            batch = bytes(self._batch)
-            self._batch.clear()
-            self._in_flight = asyncio.ensure_future(asyncio.to_thread(self.upload.write, batch))
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+            self._in_flight = asyncio.ensure_future(asyncio.to_thread(self._write_all, batch))
 
     async def drain(self) -> None:
         await self._flush()
@@ -167,10 +182,15 @@ class PackageHandle:
 class StagingHandle:
     """A staging file open for writing (and possibly reading back what earlier sessions wrote)."""
 
-    def __init__(self, writer: StagingWriter) -> None:
+    seek = staticmethod(no_ranges)
+
+    def __init__(self, writer: StagingWriter, *, append: bool = False) -> None:
         self.writer = writer
+        self.append = append
 
     async def write(self, offset: int, data: bytes) -> None:
+        if self.append:  # SSH_FXF_APPEND: every write goes to the end, whatever its offset (asyncssh sends 0)
+            offset = self.writer.next_offset
         await asyncio.to_thread(self.writer.write, offset, data)
 
     async def close(self) -> None:

@@ -108,6 +108,11 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
     def user(self) -> str:
         return self._session.user
 
+    @property
+    def open_files_limit(self) -> int:
+        """The most files a session may hold open (what ``limits@openssh.com`` reports)."""
+        return self._runtime.limits.open_files_per_session
+
     def _view(self) -> UserView:
         view = self._runtime.view_for(self.user)
         if view is None:  # removed, disabled or organisation gone: access ends at the next request
@@ -148,6 +153,8 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
             return _node_attrs(node)
         if len(parts) == 1:
             return _attrs(INCOMING_DIR_MODE if head == "incoming" else DIR_MODE, 0, EPOCH)
+        if head == "audit":
+            return await self._runtime.audit_stat(parts)
         if len(parts) != 2:
             raise no_such_file()
         name = parts[1]
@@ -320,7 +327,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
         writer = await asyncio.to_thread(
             self._runtime.staging.open_writer, self.user, self._session.organisation, name, truncate=truncate
         )
-        return StagingHandle(writer)
+        return StagingHandle(writer, append=bool(pflags & FXF_APPEND))
 
     @sftp_errors
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:

@@ -1,15 +1,18 @@
 """SSH: public-key authentication against the policy in force, and SFTP as the only thing a session may do.
 
 No passwords, keyboard-interactive, shell, exec (so no legacy SCP protocol), port or agent forwarding. The SFTP
-subsystem runs our own handler subclass, which differs from asyncssh's in two documented ways: it accepts a
+subsystem runs our own handler subclass, which differs from asyncssh's in four documented ways: it accepts a
 WRITE that carries bytes after its declared data (rclone 1.60 sends such packets; OpenSSH's server ignores the
-extra bytes, and so do we), and it tells our server when a session ends with handles still open, so that a
-package in progress is discarded instead of sent to the gateway.
+extra bytes, and so do we); it tells our server when a session ends with handles still open, so that a
+package in progress is discarded instead of sent to the gateway; its ``limits@openssh.com`` reply names the
+open-file limit the server enforces instead of the host's; and it sends an exit status when the session ends, as
+OpenSSH's sftp-server does by exiting (``scp`` fails a finished transfer without one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import secrets
@@ -19,9 +22,16 @@ import asyncssh
 import structlog
 from asyncssh.channel import SSHChannel
 from asyncssh.packet import SSHPacket
-from asyncssh.sftp import SFTPServerHandler
+from asyncssh.sftp import (
+    MAX_SFTP_PACKET_LEN,
+    MAX_SFTP_READ_LEN,
+    MAX_SFTP_WRITE_LEN,
+    SFTPLimits,
+    SFTPServerHandler,
+)
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
+from cfl_sftp.sftp.auth import ConnectionAuth
 from cfl_sftp.sftp.server import LibrarySFTPServer
 
 if TYPE_CHECKING:
@@ -49,15 +59,31 @@ class LibrarySFTPHandler(SFTPServerHandler):
             result = await result
         return int(result)
 
+    async def _process_limits(self, packet: SSHPacket) -> SFTPLimits:
+        """``limits@openssh.com``: asyncssh's own reply names the host's open-file limit; ours names the one the
+        server enforces per session (``open_files_per_session``)."""
+        packet.check_end()
+        server = self._server
+        handles = server.open_files_limit if isinstance(server, LibrarySFTPServer) else 0
+        return SFTPLimits(MAX_SFTP_PACKET_LEN, MAX_SFTP_READ_LEN, MAX_SFTP_WRITE_LEN, handles)
+
     _packet_handlers = {  # noqa: RUF012 - asyncssh looks the table up on the class
         **SFTPServerHandler._packet_handlers,
         FXP_WRITE: cast(Any, _process_lenient_write),
+        b"limits@openssh.com": cast(Any, _process_limits),
     }
 
     async def _cleanup(self, exc: Exception | None) -> None:
         server = self._server
         if isinstance(server, LibrarySFTPServer):
             server.ending = True
+        writer = self._writer
+        if writer is not None:
+            # Report an exit status, as OpenSSH's sftp-server does by exiting: scp (SFTP mode) takes ssh's exit
+            # code, which is 255 when the channel closes without one, and would fail a transfer that worked.
+            chan = cast("asyncssh.SSHServerChannel[bytes]", writer.channel)
+            with contextlib.suppress(OSError):
+                chan.exit(0 if exc is None else 1)
         await super()._cleanup(exc)
 
 
@@ -106,13 +132,16 @@ class LibrarySSHServer(asyncssh.SSHServer):
         self._peer = "unknown"
         self._session_id = secrets.token_hex(6)
         self._user: str | None = None
+        self._auth = ConnectionAuth(lambda: runtime.snapshot)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+        self._auth.attach(conn)  # sees each certificate whole (asyncssh's hooks get only its CA key)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._runtime.credentials.discard(self._session_id)
         if self._user is not None:
             self._runtime.session_closed(self._user, self._session_id, self._peer)
 
@@ -135,12 +164,14 @@ class LibrarySSHServer(asyncssh.SSHServer):
         return self._runtime.key_allowed(username, key)
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return self._runtime.ca_allowed(username, key)
+        return self._auth.certificate_vetted(key.public_data) and self._runtime.ca_allowed(username, key)
 
     def auth_completed(self) -> None:
         assert self._conn is not None
         self._user = self._conn.get_extra_info("username")
         assert self._user is not None
+        if self._auth.credential is not None:
+            self._runtime.credentials.add(self._session_id, self._user, self._auth.credential, self._conn.close)
         self._runtime.session_opened(self._user, self._session_id, self._peer, self._conn)
 
     def session_requested(self) -> LibrarySession | bool:

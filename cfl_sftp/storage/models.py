@@ -213,3 +213,19 @@ class StagingPartRow(Base):
     vault_object: Mapped[str] = mapped_column(ForeignKey("vault_objects.object_id"))
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class NodeRow(Base):
+    """A running service node's heartbeat (SPEC 9), with the id of the KEK it wraps new data keys with (SPEC 7).
+
+    Each node refreshes its own row; a row not seen for 60 s is a dead node. ``vault rotate-key`` re-wraps data
+    keys only once every live node wraps with the new key (so every node can unwrap them), and ``--finish``
+    drops the old keys only then.
+    """
+
+    __tablename__ = "nodes"
+
+    node_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    kek_id: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)

@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
+from cfl_sftp.domain.errors import VaultError
 from cfl_sftp.domain.vault import (
     KeyRing,
     SegmentedEncryptor,
@@ -26,6 +29,8 @@ from cfl_sftp.domain.vault import (
 )
 from cfl_sftp.storage.files import fsync_dir
 from cfl_sftp.storage.models import VaultObjectRow
+
+log = structlog.get_logger(__name__)
 
 DATA_KEY_BYTES = 32
 # Flush to disk as the file grows, so that the fsync at close has at most this much left to write and the time
@@ -134,6 +139,13 @@ class SealedFolder:
         self.path_of(object_id).unlink(missing_ok=True)
 
 
+def _log_unreadable(object_id: str, exc: VaultError) -> None:
+    """Say why a sealed object did not open (the client only hears that the file could not be read). The
+    reason names key ids and segment numbers, never key material or plaintext."""
+    reason = "; ".join(getattr(exc, "__notes__", ())) or exc.public_message
+    log.warning("vault_object_unreadable", object_id=object_id, reason=reason)
+
+
 class SealedReader:
     """Random-access plaintext reads of one committed object; plaintext stays in memory."""
 
@@ -142,12 +154,19 @@ class SealedReader:
         self._ciphertext_size = os.fstat(self._file.fileno()).st_size
         self._object_id = object_id
         self._key = data_key
-        self.size = plaintext_size(self._ciphertext_size)
+        try:
+            self.size = plaintext_size(self._ciphertext_size)
+        except VaultError:
+            self._file.close()
+            raise
 
     @classmethod
     def open(cls, path: Path, row: VaultObjectRow, keyring: KeyRing, context: bytes) -> SealedReader:
-        key = keyring.unwrap(WrappedKey.from_str(row.wrapped_key), context)
-        return cls(path, row.object_id, key)
+        try:
+            return cls(path, row.object_id, keyring.unwrap(WrappedKey.from_str(row.wrapped_key), context))
+        except VaultError as exc:
+            _log_unreadable(row.object_id, exc)
+            raise
 
     def _read_at(self, offset: int, length: int) -> bytes:
         return os.pread(self._file.fileno(), length, offset)
@@ -155,9 +174,13 @@ class SealedReader:
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size or length <= 0:
             return b""
-        return decrypt_range(
-            self._read_at, self._ciphertext_size, self._key, self._object_id.encode(), offset, length
-        )
+        try:
+            return decrypt_range(
+                self._read_at, self._ciphertext_size, self._key, self._object_id.encode(), offset, length
+            )
+        except VaultError as exc:
+            _log_unreadable(self._object_id, exc)
+            raise
 
     def chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         offset = 0
