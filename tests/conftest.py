@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.databases import fresh_postgresql_database
 from tests.deployments import DeploymentUnderTest, make_deployment
 from tests.sftp_support import SEEDED_CHF, SEEDED_ESME, SftpServer, make_template, start_sftp_server
 
-POSTGRESQL_URL_ENV = "CFL_SFTP_TEST_POSTGRESQL_URL"
 
 
-@pytest.fixture
-def td(tmp_path: Path) -> Iterator[DeploymentUnderTest]:
-    """A fresh deployment with the test policy set, on SQLite."""
-    deployment = make_deployment(tmp_path)
-    yield deployment
-    deployment.deployment.close()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def td(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DeploymentUnderTest]:
+    """A fresh deployment with the test policy set, on SQLite and (when CI provides one) PostgreSQL."""
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fresh_postgresql_database()) if request.param == "postgresql" else None
+        deployment = make_deployment(tmp_path, database_url=url)
+        yield deployment
+        deployment.deployment.close()
 
 
 # -- SFTP integration tests (tests/sftp_support.py) ----------------------------------------------------

@@ -39,7 +39,7 @@ def feed(td: DeploymentUnderTest, package: bytes, name: str = "p.cfl") -> None:
 def test_help_lists_every_command() -> None:
     result = cli("--help")
     assert result.returncode == 0
-    for command in ("demo", "init", "serve", "package", "policy", "library", "held", "db"):
+    for command in ("demo", "init", "serve", "package", "policy", "library", "held", "audit", "vault", "db"):
         assert command in result.stdout
 
 
