@@ -13,7 +13,6 @@ from tests.deployments import DeploymentUnderTest, make_deployment
 from tests.sftp_support import SEEDED_CHF, SEEDED_ESME, SftpServer, make_template, start_sftp_server
 
 
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def td(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DeploymentUnderTest]:
     """A fresh deployment with the test policy set, on SQLite and (when CI provides one) PostgreSQL."""
