@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import asyncssh
 import structlog
 
+from cfl_sftp.audit_writer import AuditWriter
 from cfl_sftp.catalogue import Catalogue, CatalogueImage, library_version, load_catalogue
 from cfl_sftp.config import SessionLimits
 from cfl_sftp.deployment import Deployment
@@ -80,6 +81,7 @@ class Runtime:
         self._processed: dict[tuple[str, str], ProcessedName] = {}
         self._connections: dict[str, dict[str, asyncssh.SSHServerConnection]] = {}
         self._tasks: set[asyncio.Future[object]] = set()
+        self.audit_writer = AuditWriter(deployment.db)
         # The gateway asks the deployment for the policy in force: make that this runtime's snapshot.
         deployment.policy = lambda: self._snapshot
 
@@ -209,13 +211,8 @@ class Runtime:
             return audit_store.append(session, event)
 
     def audit_soon(self, event: AuditEvent) -> None:
-        """Record an entry without making the caller wait (the answer never waits on an audit entry)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._append_audit(event)
-            return
-        self.track_task(loop.run_in_executor(None, self._append_audit, event))
+        """Record an entry without making the caller wait; it shares a group commit with its neighbours."""
+        self.audit_writer.submit(event)
 
     async def audit(self, event: AuditEvent) -> int:
         return await asyncio.to_thread(self._append_audit, event)

@@ -61,6 +61,7 @@ class RunningService:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), timeout or 5)
+        await self.runtime.audit_writer.flush(everything=True)
         await _checkpoint_now(self.runtime.deployment)
         self.runtime.deployment.close()
 
@@ -149,6 +150,7 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
         asyncio.create_task(_watch_policies(runtime, config, reload_event)),
         asyncio.create_task(_sweep_staging(runtime)),
         asyncio.create_task(_sign_checkpoints(runtime, signer)),
+        asyncio.create_task(runtime.audit_writer.run()),
     ]
     service = RunningService(runtime, servers, tasks, reload_event)
     log.info("service_started", listen=list(config.listen), ports=service.ports, policy_digest=snapshot.digest)

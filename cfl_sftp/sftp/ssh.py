@@ -1,4 +1,5 @@
-"""SSH: public-key authentication against the policy in force, and SFTP as the only thing a session may do.
+"""SSH: public-key and certificate authentication against the policy in force (decided by :mod:`.auth`), and SFTP
+as the only thing a session may do.
 
 No passwords, keyboard-interactive, shell, exec (so no legacy SCP protocol), port or agent forwarding. The SFTP
 subsystem runs our own handler subclass, which differs from asyncssh's in four documented ways: it accepts a
@@ -132,6 +133,7 @@ class LibrarySSHServer(asyncssh.SSHServer):
         self._peer = "unknown"
         self._session_id = secrets.token_hex(6)
         self._user: str | None = None
+        self._auth_attempted = False
         self._auth = ConnectionAuth(lambda: runtime.snapshot)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -144,6 +146,9 @@ class LibrarySSHServer(asyncssh.SSHServer):
         self._runtime.credentials.discard(self._session_id)
         if self._user is not None:
             self._runtime.session_closed(self._user, self._session_id, self._peer)
+        elif self._auth_attempted:
+            # Counted per address and minute, never one entry per attempt (SPEC 8: no flooding the trail).
+            self._runtime.audit_writer.login_refused(self._peer.rpartition(":")[0] or self._peer)
 
     def begin_auth(self, username: str) -> bool:
         return True  # always ask, so that valid and invalid user names look the same
@@ -161,9 +166,11 @@ class LibrarySSHServer(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        self._auth_attempted = True
         return self._runtime.key_allowed(username, key)
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        self._auth_attempted = True
         return self._auth.certificate_vetted(key.public_data) and self._runtime.ca_allowed(username, key)
 
     def auth_completed(self) -> None:
