@@ -11,15 +11,18 @@ and reads ``/images/index.json`` of one Supplier in a loop, while it:
    worker process), ``--reloads`` times;
 2. reloads it once more in a worker *thread* (``--thread-too``), to show what the process avoids.
 
-It prints, per reload: the time from the trigger until the new set is in force (and the worker's validation
-time), the peak RSS of the worker process and of the service process, the longest event-loop stall (a ticker
-task on the service's loop records the largest gap between its 5 ms ticks), and p50/p99 of the two SFTP
-requests while idle and during each reload. It also times the parts that run on the event loop: installing the
-snapshot (which builds the estate view for today) and building one user's view of the catalogue (done at the
-first request of each user after every reload or library change).
+It prints, per reload: the time from the trigger until the new set is in force; how long ``install_policy``
+held the loop; the peak RSS of the worker process and of the service process; the longest event-loop stall
+(a ticker task on the service's loop records every gap between its 5 ms ticks) before and after the swap; the
+garbage collections over 10 ms in the service process (a full collection holds the GIL, so the loop waits on
+it whichever thread runs it); and p50/p99/max of the two SFTP requests while idle and during each reload.
+Before that it times, once, the O(spans) and per-user work that a reload causes: building the estate view for
+today (done in a thread by the reloader), unpickling the spans as tuples (what the reloader avoids), and
+building one user's view of the catalogue (``Runtime._build_view``, on the loop at that user's first request
+after every reload or library change). ``--trace-stalls`` samples every thread's stack while the loop stalls.
 
-Run from the repository root (the 10 million device set takes about 0.45 GB on disk, in ``--workdir`` or a
-temp folder, and is kept with ``--keep`` so a second run skips writing it)::
+Run from the repository root (the 10 million device set takes about 0.35 GB on disk, in ``--workdir`` or a
+temp folder, and is kept with ``--keep`` so that a second run skips writing it)::
 
     .venv/bin/python -m benchmarks.entitlements
     .venv/bin/python -m benchmarks.entitlements --devices 1000000 --thread-too
@@ -49,7 +52,7 @@ from typing import Any
 
 import asyncssh
 
-from benchmarks._common import mib, peak_rss_bytes, reset_peak_rss, rss_bytes
+from benchmarks._common import load_note, mib, peak_rss_bytes, reset_peak_rss, rss_bytes, wait_for_quiet
 from cfl_sftp.catalogue import Catalogue, CatalogueImage
 from cfl_sftp.domain.entitlement import build_estate_view
 from cfl_sftp.domain.model import DeviceModel, DeviceType, ImageRef, Purpose
@@ -173,22 +176,49 @@ class Ticker:
         return max((gap for at, gap in self.gaps if start <= at <= end), default=0.0)
 
 
+class GcPauses:
+    """Every garbage collection of this process over 10 ms (any thread: it holds the GIL, so the loop waits)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float]] = []
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif (pause := time.perf_counter() - self._started) > 0.01:
+            self.pauses.append((time.time(), info["generation"], pause))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def within(self, start: float, end: float) -> str:
+        found = [(generation, pause) for at, generation, pause in self.pauses if start <= at <= end]
+        full = [pause for generation, pause in found if generation == 2]
+        return (f"{len(found)} over 10 ms, longest {max((p for _, p in found), default=0) * 1000:.0f} ms; "
+                f"{len(full)} full (gen2), longest {max(full, default=0) * 1000:.0f} ms")
+
+
+def tracked_objects() -> str:
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        counts[type(obj).__name__] = counts.get(type(obj).__name__, 0) + 1
+    top = ", ".join(f"{name} {count:,}" for name, count in sorted(counts.items(), key=lambda item: -item[1])[:6])
+    return f"{sum(counts.values()):,} ({top})"
+
+
 class StallTracer:
     """With ``--trace-stalls``: when the loop has not ticked for 40 ms, note every thread's innermost frames."""
 
     def __init__(self, ticker: Ticker) -> None:
         self.ticker = ticker
         self.seen: dict[str, int] = {}
-        self.gc_pauses: list[tuple[int, float]] = []
-        self._gc_started = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _gc(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._gc_started = time.perf_counter()
-        elif (pause := time.perf_counter() - self._gc_started) > 0.01:
-            self.gc_pauses.append((info["generation"], pause))
 
     def _run(self) -> None:
         me = threading.get_ident()
@@ -207,25 +237,18 @@ class StallTracer:
                 self.seen[key] = self.seen.get(key, 0) + 1
 
     def __enter__(self) -> StallTracer:
-        gc.callbacks.append(self._gc)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        gc.callbacks.remove(self._gc)
         self._stop.set()
         self._thread.join(5)
 
     def report(self) -> None:
-        counts: dict[str, int] = {}
-        for obj in gc.get_objects():
-            counts[type(obj).__name__] = counts.get(type(obj).__name__, 0) + 1
-        top = sorted(counts.items(), key=lambda item: -item[1])[:8]
-        print(f"\nobjects the collector tracks: {sum(counts.values()):,}; most: {top}")
-        pauses = ", ".join(f"gen{g} {p * 1000:.0f} ms" for g, p in self.gc_pauses)
-        print(f"\ngarbage collections over 10 ms (any thread): {pauses or 'none'}")
-        print("\nstack samples while the loop was stalled (10 ms each, all threads):")
-        for key, count in sorted(self.seen.items(), key=lambda item: -item[1])[:25]:
+        print("\nstack samples while the loop was stalled (10 ms each, all threads; idle pool threads left out):")
+        idle = ("thread.py:_worker", "threading.py:wait")
+        busy = {key: count for key, count in self.seen.items() if not key.startswith(idle)}
+        for key, count in sorted(busy.items(), key=lambda item: -item[1])[:25]:
             print(f"  {count:4d}  {key}")
 
 
@@ -241,7 +264,7 @@ def child_pids() -> list[int]:
 
 
 class WorkerRss:
-    """Peak RSS of this process's children other than ``exclude`` (the reload worker), sampled every 20 ms."""
+    """Peak RSS of this process's children other than ``exclude`` (the reload worker), sampled every 100 ms."""
 
     def __init__(self, exclude: set[int]) -> None:
         self.exclude = exclude | {os.getpid()}
@@ -253,7 +276,7 @@ class WorkerRss:
         while not self._stop.is_set():
             pids = [p for p in child_pids() if p not in self.exclude]
             self.peak = max(self.peak, sum(rss_bytes(p) for p in pids))
-            self._stop.wait(0.02)
+            self._stop.wait(0.1)
 
     def __enter__(self) -> WorkerRss:
         self._thread.start()
@@ -303,19 +326,34 @@ class Window:
     """When the new set was put in force (reload windows)."""
 
 
-async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
+def prepared_policy_set(shape: Shape, workdir: Path) -> tuple[Path, Path]:
+    """The generated set and the client's key, made once per shape in ``workdir`` (reused with ``--keep``)."""
+    cache = workdir / f"set-{shape.devices}-{shape.models}-{shape.suppliers}"
+    policies, key_path = cache / "policies", cache / "client-key"
+    if (cache / "complete").exists():
+        print(f"policy set: reusing {cache}", flush=True)
+        return policies, key_path
+    cache.mkdir(parents=True, exist_ok=True)
     key = asyncssh.generate_private_key("ssh-ed25519")
-    dut = make_deployment(workdir / "bench", settings={"listen": '["127.0.0.1:0"]'})
-    policies = dut.deployment.config.policies_dir
-    key_path = workdir / "client-key"
     key_path.write_bytes(key.export_private_key())
     key_path.chmod(0o600)
     public = key.export_public_key().decode().split()
     t0 = time.perf_counter()
     write_policy_set(policies, shape, f"{public[0]} {public[1]}")
+    (cache / "complete").touch()
+    print(f"policy set written in {time.perf_counter() - t0:.1f} s", flush=True)
+    return policies, key_path
+
+
+async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
+    prepared, key_path = prepared_policy_set(shape, workdir)
+    dut = make_deployment(Path(tempfile.mkdtemp(dir=workdir, prefix="run-")), settings={"listen": '["127.0.0.1:0"]'})
+    policies = dut.deployment.config.policies_dir
+    shutil.rmtree(policies)
+    shutil.copytree(prepared, policies)  # the run edits its copy
     size = sum(p.stat().st_size for p in (policies / "estates").iterdir())
     print(f"policy set: {shape.devices:,} devices, {shape.models} models, {shape.suppliers} suppliers; "
-          f"estates {mib(size)} MiB, written in {time.perf_counter() - t0:.1f} s", flush=True)
+          f"estates {mib(size)} MiB", flush=True)
 
     t0 = time.perf_counter()
     service: RunningService = await start(dut.deployment.config, dut.deployment)
@@ -373,14 +411,16 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
     tracer = StallTracer(ticker) if args.trace_stalls else None
     if tracer is not None:
         tracer.__enter__()
+    gc_pauses = GcPauses().__enter__()
     try:
         await asyncio.sleep(args.idle)
-        windows.append(Window("idle", time.time() - args.idle, time.time(), {}))
+        windows.append(Window("idle", time.time() - args.idle, time.time(), {"machine": load_note()}))
         estate = policies / "estates" / f"{shape.supplier(shape.suppliers // 2)}.csv"
         for round_ in range(args.reloads):
             with estate.open("a") as out:
                 out.write(f"X{round_:07d},{shape.model(0).manufacturer_id},{shape.model(0).model_id},0100,,\n")
-            windows.append(await reload_window(f"reload {round_ + 1} (process, via SIGHUP)", runtime, installs,
+            how = "worker process" if size > ReloadSettings().process_threshold_bytes else "worker thread (small set)"
+            windows.append(await reload_window(f"reload {round_ + 1} via SIGHUP, {how}", runtime, installs,
                                                ticker, client.pid, service.reload_event.set, args))
         if args.thread_too:
             for task in service.tasks:  # the service's own watcher would notice the edit and reload it too
@@ -394,6 +434,8 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
                                                client.pid, lambda: asyncio.ensure_future(reloader.reload("bench")),
                                                args))
     finally:
+        gc_pauses.__exit__()
+        print(f"\nobjects the collector tracks at the end: {tracked_objects()}")
         if tracer is not None:
             tracer.__exit__()
             tracer.report()
@@ -412,6 +454,7 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
         else:
             before, after = ticker.worst(window.start, window.swap), ticker.worst(window.swap, window.end)
             print(f"   longest event-loop stall, trigger to swap: {before * 1000:.0f} ms; after: {after * 1000:.0f} ms")
+        print(f"   garbage collections: {gc_pauses.within(window.start, window.end)}")
         for op in ("list /images", "read index.json"):
             latencies = [lat for at, name, lat in records if name == op and window.start <= at <= window.end]
             print(f"   {op:16} {percentiles(latencies)}")
@@ -432,6 +475,7 @@ async def reload_window(  # noqa: PLR0917 - a benchmark step, called twice
         installed_at, install_s = installs[-1]
     await asyncio.sleep(args.after)  # requests after the swap rebuild the user's view on the loop
     return Window(name, started, time.time(), swap=installed_at, details={
+        "machine at the end": load_note(),
         "trigger to new set in force": f"{installed_at - started:.2f} s",
         "install_policy on the loop": f"{install_s * 1000:.0f} ms",
         "worker process peak RSS": f"{mib(worker.peak)} MiB" if worker.peak else "(no worker process)",
@@ -452,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gc-freeze", action="store_true",
                         help="experiment: gc.freeze() after start-up and after each install")
     parser.add_argument("--trace-stalls", action="store_true", help="sample stacks while the loop is stalled")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                        help="first wait up to S seconds for the 1-minute load average to drop below 0.7")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--client", nargs=5, metavar=("PORT", "USER", "KEY", "STOP", "OUT"), help=argparse.SUPPRESS)
@@ -461,13 +507,18 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(client_loop(int(port), user, key, Path(stop), Path(out)))
         return 0
     configure_logging(level="warning")
+    if args.wait_quiet:
+        wait_for_quiet(args.wait_quiet)
     shape = Shape(args.devices, args.models, args.suppliers, args.images)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cfl-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         asyncio.run(run(shape, workdir, args))
     finally:
-        if not args.keep:
+        if args.keep:
+            for run_dir in workdir.glob("run-*"):
+                shutil.rmtree(run_dir, ignore_errors=True)
+        else:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

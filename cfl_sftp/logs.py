@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 
 def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
@@ -39,7 +40,10 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.dict_tracebacks if json else structlog.processors.format_exc_info,
+            # Never frame locals: they can hold uploaded bytes (release notes) or data keys.
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+            if json
+            else structlog.processors.format_exc_info,
             renderer,
         ],
     )

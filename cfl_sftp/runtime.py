@@ -35,7 +35,7 @@ from cfl_sftp.sftp.handles import (
     ProcessedName,
     ReadHandle,
 )
-from cfl_sftp.sftp.tree import ImageFile, Node, ReleaseNoteFile, StaticFile, build_library_folder
+from cfl_sftp.sftp.tree import ImageFile, ManifestFile, Node, ReleaseNoteFile, StaticFile, build_library_folder
 from cfl_sftp.sftp.view import UserView
 from cfl_sftp.staging import StagingArea, StagingFile
 from cfl_sftp.storage import audit_store
@@ -103,10 +103,13 @@ class Runtime:
         ``estate`` is the set's view for today when the caller built it off the loop (O(spans): large estates).
         """
         estate = estate or build_estate_view(snapshot, on or dt.datetime.now(dt.UTC).date())
+        previous = self._snapshot
         self._snapshot, self._estate = snapshot, estate
         self._views = {}
         for user in list(self._connections):
-            if snapshot.user(user) is None:  # what view_for would say, without building views on the loop
+            now, before = snapshot.user(user), previous.user(user)
+            # Gone, disabled, or moved to another organisation (its sessions act for the old one): close.
+            if now is None or (before is not None and before.organisation != now.organisation):
                 self.close_sessions_of(user)
         self.credentials.close_refused(snapshot)
 
@@ -136,10 +139,11 @@ class Runtime:
         return auth.ca_trusted(self._snapshot, key.public_data)
 
     def view_for(self, username: str) -> UserView | None:
-        if username in self._views:
-            return self._views[username]
+        views = self._views  # a catalogue refresh may swap the cache meanwhile: never store into the new one
+        if username in views:
+            return views[username]
         view = self._build_view(username)
-        self._views[username] = view
+        views[username] = view
         return view
 
     def _build_view(self, username: str) -> UserView | None:
@@ -242,9 +246,10 @@ class Runtime:
     def forget_processed(self, username: str, name: str) -> bool:
         return self._processed.pop((username, name), None) is not None
 
-    async def partial_upload(self, session: SessionInfo, handle: PackageHandle) -> None:
+    def partial_upload(self, session: SessionInfo, handle: PackageHandle) -> None:
+        """Queued, not awaited: a session's end must not depend on the database answering at once."""
         log.info("partial_upload", file_name=handle.name, bytes_received=handle.next_offset)
-        await self.audit(AuditEvent("partial-upload", session.user, session.organisation, session.peer, {
+        self.audit_soon(AuditEvent("partial-upload", session.user, session.organisation, session.peer, {
             "file_name": handle.name, "bytes_received": handle.next_offset, "session": session.session_id}))
 
     async def run_gateway_on_staged(self, session: SessionInfo, staged: StagingFile, new_name: str) -> Receipt:
@@ -270,11 +275,25 @@ class Runtime:
     async def open_node(self, node: Node, session: SessionInfo) -> ReadHandle:
         if isinstance(node, StaticFile):
             return BytesHandle(node.content)
+        if isinstance(node, ManifestFile):
+            return await self._open_manifest(node.image, session)
         if isinstance(node, ImageFile):
             return await self._open_image(node.image, session)
         if isinstance(node, ReleaseNoteFile):
             return await self._open_note(node.image, session)
         raise no_such_file()
+
+    async def _open_manifest(self, image: CatalogueImage, session: SessionInfo) -> ReadHandle:
+        path = f"{image.ref.folder}/manifest.json"
+        seq = await self.audit(AuditEvent("manifest-downloaded", session.user, session.organisation, session.peer, {
+            "path": path, "image_sha256": image.sha256, "session": session.session_id}))
+
+        def closed(served: int) -> None:
+            self.audit_soon(AuditEvent("manifest-downloaded", session.user, session.organisation, session.peer, {
+                "path": path, "image_sha256": image.sha256, "session": session.session_id,
+                "bytes_served": served, "opened_seq": seq}))
+
+        return BytesHandle(image.manifest, closed)
 
     async def _open_image(self, image: CatalogueImage, session: SessionInfo) -> ReadHandle:
         path = self.deployment.data.image_path(image.sha256)

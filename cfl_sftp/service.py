@@ -19,7 +19,7 @@ import structlog
 
 from cfl_sftp.audit_trail import AuditSigner, make_checkpoint
 from cfl_sftp.config import Config
-from cfl_sftp.deployment import Deployment
+from cfl_sftp.deployment import Deployment, KeyFileError, load_keyring
 from cfl_sftp.domain.errors import PolicyError
 from cfl_sftp.logs import configure_logging
 from cfl_sftp.policy import PolicySnapshot, load_policy_set
@@ -27,6 +27,7 @@ from cfl_sftp.policy.reloader import PolicyReloader
 from cfl_sftp.runtime import Runtime
 from cfl_sftp.sftp.ssh import LibrarySSHServer
 from cfl_sftp.storage.audit_store import AuditEvent
+from cfl_sftp.vault_admin import NODE_HEARTBEAT_SECONDS, new_node_id, node_stopped, record_node_heartbeat
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +49,13 @@ class RunningService:
     servers: list[asyncssh.SSHAcceptor]
     tasks: list[asyncio.Task[None]]
     reload_event: asyncio.Event
+    keys_event: asyncio.Event
+    node_id: str
+
+    def hangup(self) -> None:
+        """``SIGHUP``: re-read the policy set and the key rings now."""
+        self.reload_event.set()
+        self.keys_event.set()
 
     @property
     def ports(self) -> list[int]:
@@ -63,6 +71,8 @@ class RunningService:
                 await asyncio.wait_for(server.wait_closed(), timeout or 5)
         await self.runtime.audit_writer.flush(everything=True)
         await _checkpoint_now(self.runtime.deployment)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(node_stopped, self.runtime.deployment, self.node_id)
         self.runtime.deployment.close()
 
 
@@ -114,6 +124,26 @@ async def _sign_checkpoints(runtime: Runtime, signer: AuditSigner) -> None:
         await asyncio.sleep(CHECKPOINT_SECONDS)
 
 
+async def _keep_node_alive(runtime: Runtime, config: Config, node_id: str, keys_event: asyncio.Event) -> None:
+    """Heartbeat with this node's wrapping key id (``vault rotate-key`` waits for every live node to have the
+    new ring); on ``SIGHUP`` re-read the key ring first, keeping the old one if the new file is refused."""
+    deployment = runtime.deployment
+    while True:
+        if keys_event.is_set():
+            keys_event.clear()
+            try:
+                deployment.keyring = await asyncio.to_thread(load_keyring, config.vault_key)
+                log.info("key_ring_reloaded", wrapping_key=deployment.keyring.wrapping_key_id)
+            except KeyFileError as exc:
+                log.error("key_ring_refused", reason=str(exc))
+        try:
+            await asyncio.to_thread(record_node_heartbeat, deployment, node_id)
+        except Exception:
+            log.exception("node_heartbeat_failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(keys_event.wait(), NODE_HEARTBEAT_SECONDS)
+
+
 async def start(config: Config, deployment: Deployment | None = None) -> RunningService:
     """Start listening; the caller runs the loop. Used by ``serve``, the demo and the tests."""
     deployment = deployment or Deployment.open(config)
@@ -145,14 +175,17 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
             )
         )
     reload_event = asyncio.Event()
+    keys_event = asyncio.Event()
+    node_id = new_node_id()
     tasks = [
+        asyncio.create_task(_keep_node_alive(runtime, config, node_id, keys_event)),
         asyncio.create_task(_poll_catalogue(runtime)),
         asyncio.create_task(_watch_policies(runtime, config, reload_event)),
         asyncio.create_task(_sweep_staging(runtime)),
         asyncio.create_task(_sign_checkpoints(runtime, signer)),
         asyncio.create_task(runtime.audit_writer.run()),
     ]
-    service = RunningService(runtime, servers, tasks, reload_event)
+    service = RunningService(runtime, servers, tasks, reload_event, keys_event, node_id)
     log.info("service_started", listen=list(config.listen), ports=service.ports, policy_digest=snapshot.digest)
     return service
 
@@ -163,7 +196,7 @@ async def _serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, service.reload_event.set)
+    loop.add_signal_handler(signal.SIGHUP, service.hangup)
     await stop.wait()
     log.info("service_stopping")
     await service.stop(config.limits.stop_timeout_seconds)

@@ -156,6 +156,8 @@ class StagingArea:
             ).scalar_one()
             if not exists:
                 return False
+            if old == new:
+                return True
             target = list(
                 session.execute(
                     select(StagingPartRow).where(StagingPartRow.owner == owner, StagingPartRow.name == new)

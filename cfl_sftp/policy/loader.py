@@ -468,6 +468,8 @@ class _Context:
     problems: _Problems
     unusable: set[str] = field(default_factory=set)
     models: dict[tuple[str, str, str], DeviceModel] = field(default_factory=dict)
+    entries: dict[str, EstateEntry | None] = field(default_factory=dict)
+    """Estate row tails already read (estates share most of them: the same models, versions and dates)."""
 
     def toml(self, name: str) -> tuple[dict[str, Any], str] | None:
         data = self.contents.get(name)
@@ -779,8 +781,9 @@ def _estate_fast(context: _Context, organisation: str, rows: str) -> Estate | No
         return None
     codes: dict[str, int] = {}
     entries: list[EstateEntry] = []
+    known = context.entries
     for rest in set(rests):
-        entry = _estate_entry(context, rest)
+        entry = known[rest] if rest in known else known.setdefault(rest, _estate_entry(context, rest))
         if entry is None:
             return None
         codes[rest] = len(entries)

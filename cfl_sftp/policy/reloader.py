@@ -9,12 +9,14 @@ the service in one call (the service swaps one reference):
   half-written edit is not applied, then hashes the set (:func:`~cfl_sftp.policy.loader.policy_digest`); only
   a digest that differs from the set in force (and from the last refused one) is loaded. Because some
   filesystems keep coarse mtimes, the digest is checked once more :attr:`ReloadSettings.recheck_seconds` after
-  each change. ``SIGHUP`` (the ``forced`` event) skips the waiting and reloads at once, even an unchanged set.
+  each change, and once when the watcher starts (an edit made while the service was starting is not missed).
+  ``SIGHUP`` (the ``forced`` event) skips the waiting and reloads at once, even an unchanged set.
 * **Loading off the event loop.** Hashing and validating run in a worker thread for small sets. A set whose
   estates exceed :attr:`ReloadSettings.process_threshold_bytes` is read in a fresh worker *process* (``spawn``):
   compiling millions of estate rows holds the GIL for seconds in large C calls, which a thread would turn into
   event-loop stalls. The process returns the snapshot (a few hundred thousand spans, not the devices) and exits,
-  so the service's memory does not keep the peak of the load.
+  so the service's memory does not keep the peak of the load. The estate view for today (O(spans)) is built in
+  a thread too; only the swap runs on the loop.
 * **Refusing a bad set.** An invalid set changes nothing: the set in force stays, and ``policy_refused`` is
   logged and audited with every problem as ``file:line: reason``. The same broken set is not re-read until it
   changes again (or ``SIGHUP``).
@@ -22,8 +24,8 @@ the service in one call (the service swaps one reference):
   estates) the snapshot in force is installed again, which rebuilds the estate view for the new date; no file
   is read.
 
-What it leaves to others: the service decides what installing means (estate view, caches, closing the
-sessions of users the new set refuses) and where audit entries go; the loader decides what is valid.
+What it leaves to others: the service decides what installing means (caches, closing the sessions the new set
+refuses) and where audit entries go; the loader decides what is valid.
 """
 
 from __future__ import annotations
@@ -312,6 +314,10 @@ class PolicyReloader:
         loop = asyncio.get_running_loop()
         settings = self.settings
         self._stamps = await asyncio.to_thread(stamp_policy_folder, self.directory)
+        try:  # an edit made while the service was starting is not missed
+            await self.reload("start")
+        except Exception:
+            log.exception("policy_reload_failed")
         changed_at: float | None = None
         recheck_at: float | None = None
         while True:

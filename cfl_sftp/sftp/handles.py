@@ -45,12 +45,22 @@ class ReadHandle:
 
 
 class BytesHandle(ReadHandle):
-    def __init__(self, content: bytes) -> None:
+    """Small bytes held in memory (receipts, manifests, generated listings)."""
+
+    def __init__(self, content: bytes, on_close: Callable[[int], None] | None = None) -> None:
         self._content = content
         self.size = len(content)
+        self.bytes_served = 0
+        self._on_close = on_close
 
     async def read(self, offset: int, length: int) -> bytes:
-        return self._content[offset : offset + length]
+        data = self._content[offset : offset + length]
+        self.bytes_served += len(data)
+        return data
+
+    async def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close(self.bytes_served)
 
 
 class LibraryFileHandle(ReadHandle):

@@ -26,6 +26,7 @@ import structlog
 
 from cfl_sftp.domain.errors import Outcome
 from cfl_sftp.intake import PackageUpload, Uploader
+from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.sftp.errors import no_such_file, permission_denied, sftp_errors, sftp_errors_sync, translate
 from cfl_sftp.sftp.handles import (
     BytesHandle,
@@ -119,6 +120,16 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
             self._runtime.close_sessions_of(self.user)
             raise asyncssh.SFTPPermissionDenied("Access has been withdrawn")
         return view
+
+    def _denied(self, action: str, path: bytes | str) -> asyncssh.SFTPError:
+        """A refused write: audited as ``access-denied`` without making the answer wait (SPEC 8)."""
+        shown = path.decode("utf-8", "replace") if isinstance(path, bytes) else path
+        s = self._session
+        self._runtime.audit_soon(
+            AuditEvent("access-denied", s.user, s.organisation, s.peer,
+                       {"action": action, "path": shown[:512], "session": s.session_id})
+        )
+        return permission_denied()
 
     def _uploader(self) -> Uploader:
         return Uploader(self.user, self._session.organisation, self._session.peer)
@@ -268,7 +279,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
         parts = split_path(path)
         writing = bool(pflags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC))
         if writing and not self._is_incoming(parts, view):
-            raise permission_denied()
+            raise self._denied("open-for-writing", path)
         if self._open_files >= self._runtime.limits.open_files_per_session:
             raise asyncssh.SFTPFailure("Too many open files in this session")
         handle = await (self._open_incoming(parts, pflags) if self._is_incoming(parts, view) and len(parts) == 2
@@ -303,7 +314,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
         writing = bool(pflags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC))
         if name.endswith(".cfl"):
             if pflags & FXF_APPEND or self._runtime.upload_in_progress(self.user, name):
-                raise permission_denied()
+                raise self._denied("open-package", f"/incoming/{name}")
             if not writing:
                 # A processed name answers stat for a while but is never readable.
                 if self._runtime.processed_name(self.user, name) is not None:
@@ -340,18 +351,26 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
         if isinstance(file_obj, PackageHandle | StagingHandle):
             await file_obj.write(offset, data)
             return len(data)
-        raise permission_denied()
+        raise self._denied("write", "")
 
     @sftp_errors
     async def close(self, file_obj: object) -> None:
         self._open_files = max(0, self._open_files - 1)
+        if self.ending:
+            # asyncssh closes every open handle at session end with no error handling around the calls: one
+            # failure would leave the others (and their uploads in progress) behind.
+            try:
+                await self._close_handle(file_obj)
+            except Exception:
+                log.exception("close_at_session_end_failed")
+            return
+        await self._close_handle(file_obj)
+
+    async def _close_handle(self, file_obj: object) -> None:
         if isinstance(file_obj, PackageHandle):
             await self._close_package(file_obj)
         elif isinstance(file_obj, StagingHandle):
-            if self.ending:
-                await file_obj.close()  # what arrived of a staging file is kept: it can be resumed
-            else:
-                await file_obj.close()
+            await file_obj.close()  # what arrived of a staging file is kept, also at session end: resumable
         elif isinstance(file_obj, ReadHandle):
             await file_obj.close()
 
@@ -360,7 +379,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
         try:
             if self.ending or handle.out_of_order:
                 await handle.abort()
-                await runtime.partial_upload(self._session, handle)
+                runtime.partial_upload(self._session, handle)
                 return
             receipt = await handle.complete()
         except BaseException:
@@ -385,7 +404,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
         view = self._view()
         parts = split_path(path)
         if not self._is_incoming(parts, view) or len(parts) != 2:
-            raise permission_denied()
+            raise self._denied("change", path)
         return parts[1]
 
     @sftp_errors
@@ -404,7 +423,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
     async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         if isinstance(file_obj, PackageHandle | StagingHandle):
             return
-        raise permission_denied()
+        raise self._denied("fsetstat", "")
 
     @sftp_errors
     async def remove(self, path: bytes) -> None:
@@ -452,19 +471,19 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     async def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        raise permission_denied()
+        raise self._denied("mkdir", path)
 
     @sftp_errors
     async def rmdir(self, path: bytes) -> None:
-        raise permission_denied()
+        raise self._denied("rmdir", path)
 
     @sftp_errors
     async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
-        raise permission_denied()
+        raise self._denied("symlink", newpath)
 
     @sftp_errors
     async def link(self, oldpath: bytes, newpath: bytes) -> None:
-        raise permission_denied()
+        raise self._denied("link", newpath)
 
     # -- the rest of the protocol ----------------------------------------------------------------------
 

@@ -44,6 +44,25 @@ class ImageFile:
 
 
 @dataclass(frozen=True, slots=True)
+class ManifestFile:
+    """An image's ``manifest.json``: served from memory, its download audited like the image's."""
+
+    image: CatalogueImage
+
+    @property
+    def content(self) -> bytes:
+        return self.image.manifest
+
+    @property
+    def size(self) -> int:
+        return len(self.image.manifest)
+
+    @property
+    def mtime(self) -> dt.datetime:
+        return self.image.added_at
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseNoteFile:
     image: CatalogueImage
 
@@ -70,13 +89,13 @@ class Folder:
         return node
 
 
-Node = Folder | StaticFile | ImageFile | ReleaseNoteFile
+Node = Folder | StaticFile | ManifestFile | ImageFile | ReleaseNoteFile
 
 
 def _image_folder(image: CatalogueImage, with_notes: bool) -> dict[str, Node]:
     files: dict[str, Node] = {
         image.ref.image_name: ImageFile(image),
-        "manifest.json": StaticFile(image.manifest, image.added_at),
+        "manifest.json": ManifestFile(image),
         "manifest.sig": StaticFile(image.signature, image.added_at),
     }
     sums = [
