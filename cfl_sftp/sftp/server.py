@@ -26,7 +26,6 @@ import structlog
 
 from cfl_sftp.domain.errors import Outcome
 from cfl_sftp.intake import PackageUpload, Uploader
-from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.sftp.errors import no_such_file, permission_denied, sftp_errors, sftp_errors_sync, translate
 from cfl_sftp.sftp.handles import (
     BytesHandle,
@@ -38,6 +37,7 @@ from cfl_sftp.sftp.handles import (
 )
 from cfl_sftp.sftp.tree import EPOCH, Folder, Node
 from cfl_sftp.sftp.view import UserView
+from cfl_sftp.storage.audit_store import AuditEvent
 
 if TYPE_CHECKING:
     from cfl_sftp.runtime import Runtime, SessionInfo
