@@ -13,6 +13,8 @@ resume) or from zero after truncation; a write anywhere else is refused.
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,6 +70,30 @@ class StagingArea:
 
     def __init__(self, deployment: Deployment) -> None:
         self._deployment = deployment
+        # Bytes of each owner that open writers hold but have not recorded yet, and the recorded bytes added
+        # (or removed) since: so several handles open at once share one quota on this node.
+        self._lock = threading.Lock()
+        self._in_flight: Counter[str] = Counter()
+        self._recorded_delta: Counter[str] = Counter()
+
+    def charge(self, owner: str, amount: int, recorded_at_open: int, delta_at_open: int) -> None:
+        """Count ``amount`` new bytes against the owner's quota, or raise :class:`QuotaExceeded`."""
+        quota = self._deployment.config.gateway.staging_quota_bytes
+        with self._lock:
+            recorded = recorded_at_open + self._recorded_delta[owner] - delta_at_open
+            if recorded + self._in_flight[owner] + amount > quota:
+                raise QuotaExceeded()
+            self._in_flight[owner] += amount
+
+    def _settle(self, owner: str, written: int, *, recorded: bool) -> None:
+        with self._lock:
+            self._in_flight[owner] -= written
+            if recorded:
+                self._recorded_delta[owner] += written
+
+    def recorded_delta(self, owner: str) -> int:
+        with self._lock:
+            return self._recorded_delta[owner]
 
     def files_of(self, owner: str) -> list[StagingFile]:
         with self._deployment.db.reading() as session:
@@ -97,7 +123,8 @@ class StagingArea:
             name,
             start=existing.size if existing else 0,
             part_no=len(existing.parts) if existing else 0,
-            quota_left=self._deployment.config.gateway.staging_quota_bytes - self.used_bytes(owner),
+            recorded_at_open=self.used_bytes(owner),
+            delta_at_open=self.recorded_delta(owner),
         )
 
     def _record_part(self, writer: StagingWriter, sealed_size: int, obj_writer: SealedWriter) -> None:
@@ -143,6 +170,8 @@ class StagingArea:
                 ).scalars()
             )
             objects = self._delete_parts(session, rows)
+        with self._lock:
+            self._recorded_delta[owner] -= sum(r.size for r in rows)
         for object_id in objects:
             self._deployment.spool.remove(object_id)
         return bool(rows)
@@ -212,7 +241,7 @@ class StagingWriter:
 
     def __init__(
         self, area: StagingArea, owner: str, organisation: str, name: str, *, start: int, part_no: int,
-        quota_left: int,
+        recorded_at_open: int, delta_at_open: int,
     ) -> None:
         self._area = area
         self.owner = owner
@@ -221,14 +250,14 @@ class StagingWriter:
         self.part_no = part_no
         self.next_offset = start
         self._written = 0
-        self._quota_left = quota_left
+        self._recorded_at_open = recorded_at_open
+        self._delta_at_open = delta_at_open
         self._part: SealedWriter | None = None
 
     def write(self, offset: int, data: bytes) -> None:
         if offset != self.next_offset:
             raise StagingError("Staging files are written front to back; this write is out of order.")
-        if self._written + len(data) > self._quota_left:
-            raise QuotaExceeded()
+        self._area.charge(self.owner, len(data), self._recorded_at_open, self._delta_at_open)
         if self._part is None:
             self._part = self._area._deployment.spool.writer("staging")
         self._part.write(data)
@@ -239,9 +268,15 @@ class StagingWriter:
         """Record the part; a session that wrote nothing still leaves an (empty) file behind, as ``touch``."""
         if self._part is None:
             self._part = self._area._deployment.spool.writer("staging")
-        self._area._record_part(self, self._written, self._part)
+        try:
+            self._area._record_part(self, self._written, self._part)
+        except BaseException:
+            self._area._settle(self.owner, self._written, recorded=False)
+            raise
+        self._area._settle(self.owner, self._written, recorded=True)
 
     def abort(self) -> None:
+        self._area._settle(self.owner, self._written, recorded=False)
         if self._part is not None:
             self._part.discard()
 

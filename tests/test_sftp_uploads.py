@@ -385,3 +385,17 @@ async def test_names_outside_the_incoming_pattern_are_refused(sftp_server: SftpS
         assert await sftp.listdir("/incoming") == [".", "..", "ok.bin"]
         await write_all(sftp, "/incoming/" + "A" * 128, b"longest name")  # 128 characters is allowed
     assert sftp_server.uploads() == []
+
+
+async def test_handles_open_at_once_share_one_staging_quota(tmp_path: Path) -> None:
+    server = await start_sftp_server(tmp_path, {"staging_quota_bytes": "1000"})
+    try:
+        async with server.sftp("acme-release") as sftp:
+            async with sftp.open("/incoming/one.bin", "wb") as first, sftp.open("/incoming/two.bin", "wb") as second:
+                assert await sftp_status(first.write(b"1" * 900)) == FX_OK
+                assert await sftp_status(second.write(b"2" * 900)) == FX_FAILURE
+                assert await sftp_status(second.write(b"2" * 100)) == FX_OK
+            sizes = {n: (await sftp.stat(f"/incoming/{n}")).size or 0 for n in ("one.bin", "two.bin")}
+        assert sizes == {"one.bin": 900, "two.bin": 100}
+    finally:
+        await server.service.stop()
