@@ -530,7 +530,7 @@ async def test_notes_read_over_sftp_at_every_step_of_a_rotation(
     versions = ("00000010", "00000011")
     for version in versions:
         await sftp_server.seed(spec(version), name=f"{version}.cfl")
-    reload_node(node)
+    reload_node(node, sftp_server.service.node_id)
 
     async def every_note_reads() -> None:
         for version in versions:
@@ -539,13 +539,13 @@ async def test_notes_read_over_sftp_at_every_step_of_a_rotation(
     await every_note_reads()
     assert cli(td, capsys)[0] == 1  # the key is added, but node-1 has not loaded it: nothing re-wrapped
     await every_note_reads()
-    reload_node(node)  # the operator reloads the node
+    reload_node(node, sftp_server.service.node_id)  # what the service's SIGHUP does
     assert cli(td, capsys)[0] == 0
     await every_note_reads()
     await sftp_server.seed(spec("00000012"), name="late.cfl")  # wrapped by the node under the new key
     assert cli(td, capsys, "--finish")[0] == 0
     await every_note_reads()
-    reload_node(node)
+    reload_node(node, sftp_server.service.node_id)
     await every_note_reads()
     assert await read_note(sftp_server, "00000012") == notes_of("00000012")
     assert node.keyring.key_ids == (node.keyring.wrapping_key_id,)
