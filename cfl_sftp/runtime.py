@@ -35,7 +35,15 @@ from cfl_sftp.sftp.handles import (
     ProcessedName,
     ReadHandle,
 )
-from cfl_sftp.sftp.tree import ImageFile, ManifestFile, Node, ReleaseNoteFile, StaticFile, build_library_folder
+from cfl_sftp.sftp.tree import (
+    ImageFile,
+    ManifestFile,
+    Node,
+    ReleaseNoteFile,
+    StaticFile,
+    build_library_folder,
+    library_paths,
+)
 from cfl_sftp.sftp.view import UserView
 from cfl_sftp.staging import StagingArea, StagingFile
 from cfl_sftp.storage import audit_store
@@ -82,6 +90,7 @@ class Runtime:
         self._connections: dict[str, dict[str, asyncssh.SSHServerConnection]] = {}
         self._tasks: set[asyncio.Future[object]] = set()
         self.audit_writer = AuditWriter(deployment.db)
+        self._library_paths: frozenset[str] = frozenset()
         # The gateway asks the deployment for the policy in force: make that this runtime's snapshot.
         deployment.policy = lambda: self._snapshot
 
@@ -121,6 +130,7 @@ class Runtime:
                 return
             catalogue = load_catalogue(session)
         self._catalogue = catalogue
+        self._library_paths = library_paths(catalogue)
         self._views = {}
 
     def library_changed(self) -> None:
@@ -220,6 +230,37 @@ class Runtime:
 
     async def audit(self, event: AuditEvent) -> int:
         return await asyncio.to_thread(self._append_audit, event)
+
+    def note_invisible_read(self, session: SessionInfo, path: str, action: str) -> None:
+        """A read answered ``NO_SUCH_FILE``: if the path exists for someone else, audit ``access-denied``.
+
+        The answer never waits on this: library paths are looked up in memory, receipts and held packages
+        in a worker thread after the answer has gone.
+        """
+        parts = [p for p in path.split("/") if p]
+        if not parts:
+            return
+        event = AuditEvent("access-denied", session.user, session.organisation, session.peer,
+                           {"action": action, "path": path[:512], "session": session.session_id})
+        if parts[0] in ("images", "updates"):
+            if "/images/" + "/".join(parts[1:]) in self._library_paths or len(parts) == 1:
+                self.audit_soon(event)
+            return
+        if parts[0] in ("receipts", "held") and len(parts) == 2:
+            self.track_task(asyncio.ensure_future(self._audit_if_upload_exists(parts[1], event)))
+
+    async def _audit_if_upload_exists(self, name: str, event: AuditEvent) -> None:
+        upload_id = name.removesuffix(".json") if name.endswith(".json") else name[:27]
+
+        def exists() -> bool:
+            with self.deployment.db.reading() as db:
+                return db.get(UploadRow, upload_id) is not None
+
+        try:
+            if await asyncio.to_thread(exists):
+                self.audit_soon(event)
+        except Exception:
+            log.exception("access_check_failed")
 
     # -- uploads ---------------------------------------------------------------------------------------
 

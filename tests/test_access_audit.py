@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncssh
 import pytest
 
@@ -29,4 +31,19 @@ async def test_a_refused_write_is_audited_as_access_denied(seeded_server: SftpSe
     assert sorted((e["details"]["action"], e["details"]["path"]) for e in entries) == [
         ("change", f"{FOLDER}/manifest.json"),
         ("mkdir", "/images/new"),
+    ]
+
+
+async def test_reading_what_exists_for_others_is_audited_and_a_random_path_is_not(
+    seeded_server: SftpServer,
+) -> None:
+    async with seeded_server.sftp("southern-ops") as sftp:
+        for call in (sftp.stat(f"{FOLDER}/manifest.json"), sftp.stat("/images/ESME/1A2B/0001/0100/99999999")):
+            with pytest.raises(asyncssh.SFTPNoSuchFile):
+                await call
+    entries = await seeded_server.wait_for_audit("access-denied", count=1)
+    await asyncio.sleep(0.2)
+    entries = seeded_server.audit_events("access-denied")
+    assert [(e["actor"], e["details"]["action"], e["details"]["path"]) for e in entries] == [
+        ("southern-ops", "stat", f"{FOLDER}/manifest.json"),
     ]

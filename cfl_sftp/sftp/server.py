@@ -195,11 +195,26 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     async def stat(self, path: bytes) -> asyncssh.SFTPAttrs:
-        return await self._stat(path)
+        return await self._stat_noting(path, "stat")
 
     @sftp_errors
     async def lstat(self, path: bytes) -> asyncssh.SFTPAttrs:
-        return await self._stat(path)
+        return await self._stat_noting(path, "lstat")
+
+    async def _stat_noting(self, path: bytes, action: str) -> asyncssh.SFTPAttrs:
+        try:
+            return await self._stat(path)
+        except asyncssh.SFTPNoSuchFile:
+            self._note_invisible(path, action)
+            raise
+
+    def _note_invisible(self, path: bytes, action: str) -> None:
+        """After a ``NO_SUCH_FILE`` answer to a read: the runtime audits it if the path exists for others."""
+        try:
+            parts = split_path(path)
+        except asyncssh.SFTPError:
+            return
+        self._runtime.note_invisible_read(self._session, "/" + "/".join(parts), action)
 
     @sftp_errors
     async def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
@@ -222,6 +237,13 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
     @sftp_errors_sync
     def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         """Check existence now (``opendir`` answers ``NO_SUCH_FILE`` at once); list lazily."""
+        try:
+            return self._scandir(path)
+        except asyncssh.SFTPNoSuchFile:
+            self._note_invisible(path, "opendir")
+            raise
+
+    def _scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         view = self._view()
         parts = split_path(path)
         if not parts:
@@ -282,8 +304,12 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
             raise self._denied("open-for-writing", path)
         if self._open_files >= self._runtime.limits.open_files_per_session:
             raise asyncssh.SFTPFailure("Too many open files in this session")
-        handle = await (self._open_incoming(parts, pflags) if self._is_incoming(parts, view) and len(parts) == 2
-                        else self._open_for_reading(view, parts))
+        try:
+            handle = await (self._open_incoming(parts, pflags) if self._is_incoming(parts, view) and len(parts) == 2
+                            else self._open_for_reading(view, parts))
+        except asyncssh.SFTPNoSuchFile:
+            self._note_invisible(path, "open")
+            raise
         self._open_files += 1
         return handle
 
@@ -494,7 +520,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     async def readlink(self, path: bytes) -> bytes:
-        await self._stat(path)  # NO_SUCH_FILE for what the user cannot see
+        await self._stat_noting(path, "readlink")  # NO_SUCH_FILE for what the user cannot see
         raise asyncssh.SFTPFailure("Not a symbolic link")
 
     def _vfs(self) -> asyncssh.SFTPVFSAttrs:

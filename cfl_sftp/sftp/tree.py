@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cfl_sftp.catalogue import CatalogueImage
+from cfl_sftp.catalogue import Catalogue, CatalogueImage
 
 EPOCH = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
 
@@ -143,3 +143,20 @@ def build_library_folder(images: Iterable[CatalogueImage], *, with_notes: bool, 
         body = [index_entry(i) for i in entitled]
         top.children["index.json"] = StaticFile((json.dumps(body, indent=1) + "\n").encode(), top.mtime)
     return top
+
+
+def library_paths(catalogue: Catalogue) -> frozenset[str]:
+    """Every ``/images`` path that exists for someone: folders and files (``/updates`` maps onto these)."""
+    paths: set[str] = {"/images", "/images/index.json"}
+    for image in catalogue.images:
+        m = image.device_model
+        folder = "/images"
+        for part in (image.device_type.value, m.manufacturer_id, m.model_id, m.hardware_version,
+                     image.firmware_version):
+            folder = f"{folder}/{part}"
+            paths.add(folder)
+        names = [image.ref.image_name, "manifest.json", "manifest.sig", "SHA256SUMS"]
+        if image.release_notes_name:
+            names.append(image.release_notes_name)
+        paths.update(f"{folder}/{name}" for name in names)
+    return frozenset(paths)
