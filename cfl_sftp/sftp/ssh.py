@@ -134,21 +134,33 @@ class LibrarySSHServer(asyncssh.SSHServer):
         self._session_id = secrets.token_hex(6)
         self._user: str | None = None
         self._auth_attempted = False
+        self._admitted = False
         self._auth = ConnectionAuth(lambda: runtime.snapshot)
+
+    @property
+    def _address(self) -> str:
+        return self._peer.rpartition(":")[0] or self._peer
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+        if not self._runtime.guard.admit_connection(self._address):  # banned, or too many unauthenticated
+            conn.abort()
+            return
+        self._admitted = True
         self._auth.attach(conn)  # sees each certificate whole (asyncssh's hooks get only its CA key)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._runtime.credentials.discard(self._session_id)
         if self._user is not None:
             self._runtime.session_closed(self._user, self._session_id, self._peer)
-        elif self._auth_attempted:
+            return
+        if self._admitted:
+            self._runtime.guard.ended_unauthenticated(self._address, failed_login=self._auth_attempted)
+        if self._auth_attempted:
             # Counted per address and minute, never one entry per attempt (SPEC 8: no flooding the trail).
-            self._runtime.audit_writer.login_refused(self._peer.rpartition(":")[0] or self._peer)
+            self._runtime.audit_writer.login_refused(self._address)
 
     def begin_auth(self, username: str) -> bool:
         return True  # always ask, so that valid and invalid user names look the same
@@ -179,7 +191,14 @@ class LibrarySSHServer(asyncssh.SSHServer):
         assert self._user is not None
         if self._auth.credential is not None:
             self._runtime.credentials.add(self._session_id, self._user, self._auth.credential, self._conn.close)
+        self._runtime.guard.authenticated()
         self._runtime.session_opened(self._user, self._session_id, self._peer, self._conn)
+        view = self._runtime.view_for(self._user)
+        organisation = view.organisation if view is not None else ""
+        if not self._runtime.guard.admit_session(
+            self._address, self._user, organisation, self._runtime.open_sessions(self._user)
+        ):
+            self._conn.close()
 
     def session_requested(self) -> LibrarySession | bool:
         if self._user is None:
