@@ -17,9 +17,10 @@ held the loop; the peak RSS of the worker process and of the service process; th
 garbage collections over 10 ms in the service process (a full collection holds the GIL, so the loop waits on
 it whichever thread runs it); and p50/p99/max of the two SFTP requests while idle and during each reload.
 Before that it times, once, the O(spans) and per-user work that a reload causes: building the estate view for
-today (done in a thread by the reloader), unpickling the spans as tuples (what the reloader avoids), and
-building one user's view of the catalogue (``Runtime._build_view``, on the loop at that user's first request
-after every reload or library change). ``--trace-stalls`` samples every thread's stack while the loop stalls.
+today (done in a thread by the reloader), unpickling the estate timeline (what crosses from the worker), and
+one user's view of the catalogue (``Runtime.view_for``: built in a worker thread, once per organisation and
+role set, at the first request after every reload or library change). ``--trace-stalls`` samples every
+thread's stack while the loop stalls.
 
 Run from the repository root (the 10 million device set takes about 0.35 GB on disk, in ``--workdir`` or a
 temp folder, and is kept with ``--keep`` so that a second run skips writing it)::
@@ -47,6 +48,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +210,7 @@ def tracked_objects() -> str:
     for obj in gc.get_objects():
         counts[type(obj).__name__] = counts.get(type(obj).__name__, 0) + 1
     top = ", ".join(f"{name} {count:,}" for name, count in sorted(counts.items(), key=lambda item: -item[1])[:6])
-    return f"{sum(counts.values()):,} ({top})"
+    return f"{sum(counts.values()):,} ({top}); frozen (never walked): {gc.get_freeze_count():,}"
 
 
 class StallTracer:
@@ -364,39 +366,34 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
     def timed_install(snapshot: Any, on: dt.date | None = None, *, estate: Any = None) -> None:
         started = time.perf_counter()
         install(snapshot, on, estate=estate)
-        if args.gc_freeze:
-            gc.freeze()
         installs.append((time.time(), time.perf_counter() - started))
 
     runtime.install_policy = timed_install  # type: ignore[method-assign]  # before the watcher task first runs
     print(f"service started in {time.perf_counter() - t0:.1f} s (start-up load in a thread); "
           f"service RSS {mib(rss_bytes())} MiB", flush=True)
     runtime._catalogue = catalogue_of(shape)  # the benchmark stands in for the database
-    runtime._views = {}
+    runtime._views, runtime._folders = {}, {}
 
-    if args.gc_freeze:
-        gc.freeze()
     snapshot = runtime.snapshot
     today = dt.datetime.now(dt.UTC).date()
     t0 = time.perf_counter()
     build_estate_view(snapshot, today)
     estate_view_s = time.perf_counter() - t0
-    pickled = pickle.dumps(snapshot.estates.spans, protocol=pickle.HIGHEST_PROTOCOL)
+    pickled = bytes(ForkingPickler.dumps(snapshot.estates))  # as the policy worker sends it
     t0 = time.perf_counter()
     pickle.loads(pickled)
     unpickle_s = time.perf_counter() - t0
     user = shape.user(CLIENT_USER_INDEX)
     view_times = []
     for _ in range(3):
+        runtime._views, runtime._folders = {}, {}
         t0 = time.perf_counter()
-        runtime._build_view(user)  # what a user's first request does
+        view = await runtime.view_for(user)  # what a user's first request waits for (built in a worker thread)
         view_times.append(time.perf_counter() - t0)
-    runtime._views = {}
-    view = runtime.view_for(user)
     assert view is not None
     assert view.images is not None
-    print(f"spans {len(snapshot.estates.spans):,}; transitions {len(snapshot.estates.transitions)}; "
-          f"estate view build {estate_view_s * 1000:.0f} ms; spans pickle {mib(len(pickled))} MiB, "
+    print(f"spans {snapshot.estates.span_count:,}; transitions {len(snapshot.estates.transitions)}; "
+          f"estate view build {estate_view_s * 1000:.0f} ms; timeline pickle {mib(len(pickled))} MiB, "
           f"unpickle {unpickle_s * 1000:.0f} ms", flush=True)
     print(f"one user's view of {shape.images} images ({user}): {min(view_times) * 1000:.0f} ms "
           f"(min of 3; index.json {len(view.images.children['index.json'].content):,} bytes)", flush=True)  # type: ignore[union-attr]
@@ -493,8 +490,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of requests before the first reload")
     parser.add_argument("--after", type=float, default=3.0, help="seconds of requests after each swap")
     parser.add_argument("--thread-too", action="store_true", help="also reload once in a thread, to compare")
-    parser.add_argument("--gc-freeze", action="store_true",
-                        help="experiment: gc.freeze() after start-up and after each install")
     parser.add_argument("--trace-stalls", action="store_true", help="sample stacks while the loop is stalled")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                         help="first wait up to S seconds for the 1-minute load average to drop below 0.7")

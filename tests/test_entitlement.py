@@ -104,7 +104,7 @@ def test_change_of_supplier_with_both_rows_dated_follows_the_latest_since_not_af
         ]
     )
 
-    assert build_estate_view(timeline, earlier - dt.timedelta(days=1)).models == {}
+    assert build_estate_view(timeline, earlier - dt.timedelta(days=1)).lowest_firmware == {}
     assert build_estate_view(timeline, BEFORE).models_of("northern-energy") == frozenset({ESME})
     assert build_estate_view(timeline, SWITCH).models_of("northern-energy") == frozenset()
     assert build_estate_view(timeline, SWITCH).models_of("southern-power") == frozenset({ESME})
@@ -134,7 +134,7 @@ def test_the_other_devices_of_the_model_keep_it_in_the_losing_estate() -> None:
 
     after = build_estate_view(timeline, SWITCH)
     assert after.holds("northern-energy", ESME)
-    assert after.lowest_firmware[("northern-energy", ESME)] == 0x300
+    assert after.lowest_of("northern-energy", ESME) == 0x300
 
 
 def test_the_next_transition_is_the_next_date_a_row_takes_effect() -> None:
@@ -185,8 +185,8 @@ def test_the_lowest_firmware_per_model_counts_unknown_firmware_as_oldest() -> No
         SWITCH,
     )
 
-    assert estate_view.lowest_firmware[("northern-energy", ESME)] == 0x100
-    assert estate_view.lowest_firmware[("northern-energy", GSME)] == UNKNOWN_FIRMWARE
+    assert estate_view.lowest_of("northern-energy", ESME) == 0x100
+    assert estate_view.lowest_of("northern-energy", GSME) == UNKNOWN_FIRMWARE
 
 
 def test_a_view_over_200k_devices_is_built_from_few_spans() -> None:
@@ -200,11 +200,11 @@ def test_a_view_over_200k_devices_is_built_from_few_spans() -> None:
     )
     before, after = build_estate_view(timeline, BEFORE), build_estate_view(timeline, SWITCH)
 
-    assert len(timeline.spans) < 200
+    assert timeline.span_count < 200
     assert len(after.models_of("northern-energy")) == 20
-    assert after.lowest_firmware[("southern-power", models[0])] == UNKNOWN_FIRMWARE
-    assert before.lowest_firmware[("southern-power", models[1])] == 5
-    assert after.lowest_firmware[("southern-power", models[1])] == 4
+    assert after.lowest_of("southern-power", models[0]) == UNKNOWN_FIRMWARE
+    assert before.lowest_of("southern-power", models[1]) == 5
+    assert after.lowest_of("southern-power", models[1]) == 4
 
 
 # -- who sees /images -----------------------------------------------------------------------------------------

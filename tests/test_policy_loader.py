@@ -150,7 +150,7 @@ def test_an_empty_policy_folder_is_valid_and_lets_nobody_in(tmp_path: Path) -> N
     assert not snapshot.may_upload_for("acme-meters", "1A2B")
     assert snapshot.keys_for_manufacturer("1A2B") == ()
     assert not snapshot.in_product_list(ESME, "00000001", "0" * 64)
-    assert build_estate_view(snapshot, TODAY).models == {}
+    assert build_estate_view(snapshot, TODAY).lowest_firmware == {}
     assert snapshot.next_transition is None
 
 
@@ -638,7 +638,7 @@ def test_estates_with_and_without_comments_give_the_same_view(tmp_path: Path) ->
     plain_view = build_estate_view(load_policy_set(plain, today=TODAY), TODAY)
     commented_view = build_estate_view(load_policy_set(commented, today=TODAY), TODAY)
     assert plain_view.lowest_firmware == commented_view.lowest_firmware
-    assert len(plain_view.lowest_firmware) == 3
+    assert len(plain_view.lowest_firmware["northern-energy"]) == 3
 
 
 def test_a_large_clean_estate_is_read_without_visiting_rows_one_by_one(
@@ -654,8 +654,8 @@ def test_a_large_clean_estate_is_read_without_visiting_rows_one_by_one(
     )
 
     assert snapshot.estates.device_counts["northern-energy"] == 100_000
-    assert len(snapshot.estates.spans) == 7
-    assert build_estate_view(snapshot, TODAY).lowest_firmware[("northern-energy", ESME)] == 0
+    assert snapshot.estates.span_count == 7
+    assert build_estate_view(snapshot, TODAY).lowest_of("northern-energy", ESME) == 0
 
 
 # -- reporting ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Status codes come from asyncssh's client, which exposes them; OpenSSH's ``sftp``
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import json
@@ -451,6 +452,22 @@ async def test_release_notes_are_readable_only_with_the_release_notes_role(seede
         assert await sftp_status(sftp.open(f"{CHF_IMAGE_DIR}/release-notes.md", "rb")) == FX_NO_SUCH_FILE
     read = await seeded_server.wait_for_audit("release-note-read")
     assert [e["actor"] for e in read] == ["northern-ops"]
+
+
+async def test_first_listings_at_once_by_users_of_one_organisation_with_different_roles_stay_their_own(
+    seeded_server: SftpServer,
+) -> None:
+    """Views are built off the loop and shared per organisation and role set: two users of one Supplier asking
+    at the same moment, after the library changed, must still each get the tree of their own roles."""
+    async with seeded_server.sftp("northern-ops") as ops, seeded_server.sftp("northern-gas") as gas:
+        ops_root, gas_root, ops_images, gas_images = await asyncio.gather(
+            ops.listdir("/"), gas.listdir("/"), ops.listdir("/images"), gas.listdir("/images"))
+        assert sorted(ops_root) == [".", "..", "held", "images", "incoming", "receipts", "updates"]
+        assert sorted(gas_root) == [".", "..", "images", "updates"]
+        assert ops_images == [".", "..", "ESME", "index.json"]
+        assert gas_images == [".", "..", "index.json"]  # gas-supplier: no ESME; the CHF model is southern's
+        assert "release-notes.md" in await ops.listdir(IMAGE_DIR)
+        assert await sftp_status(gas.stat(IMAGE_DIR)) == FX_NO_SUCH_FILE
 
 
 async def test_southern_supplier_does_not_see_the_esme_image_anywhere(seeded_server: SftpServer) -> None:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import operator
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from array import array
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from types import MappingProxyType
@@ -52,6 +53,9 @@ EstateEntry = tuple[DeviceModel, int, int]
 
 Span = tuple[str, DeviceModel, int, int, int]
 """(organisation, device model, first day, day after the last, lowest firmware): see the module docstring."""
+
+SPAN_FIELDS = 5
+"""A span's columns in :attr:`EstateTimeline.columns`: organisation index, model index, start, end, firmware."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,13 +127,48 @@ class EstateConflictError(CflError):
 class EstateTimeline:
     """Every Supplier's estate resolved over time; immutable, and small whatever the number of devices.
 
+    The spans are held as one flat array of integers (:data:`SPAN_FIELDS` per span, organisations and models
+    as indexes into ``organisations`` and ``models``), not as a tuple per span: for millions of devices there
+    are hundreds of thousands of spans, and as objects the garbage collector would walk every one of them in
+    each full collection, which holds the event loop for hundreds of milliseconds. An array is one object to
+    it, and it crosses to the service from the policy worker process as a single block of bytes.
+
     ``transitions`` holds the sorted day numbers on which some device changes hands or a dated row takes
     effect; ``device_counts`` the rows each estate lists (for logs and ``cfl-sftp policy check``).
     """
 
-    spans: tuple[Span, ...]
+    organisations: tuple[str, ...]
+    models: tuple[DeviceModel, ...]
+    columns: array[int]
     transitions: tuple[int, ...]
     device_counts: Mapping[str, int]
+
+    @classmethod
+    def from_spans(
+        cls, spans: Iterable[Span], transitions: Iterable[int], device_counts: Mapping[str, int]
+    ) -> EstateTimeline:
+        organisations: dict[str, int] = {}
+        models: dict[DeviceModel, int] = {}
+        columns = array("q")
+        for organisation, model, start, end, firmware in spans:
+            org_index = organisations.setdefault(organisation, len(organisations))
+            columns.extend((org_index, models.setdefault(model, len(models)), start, end, firmware))
+        return cls(tuple(organisations), tuple(models), columns, tuple(sorted(transitions)),
+                   MappingProxyType(dict(device_counts)))
+
+    @property
+    def span_count(self) -> int:
+        return len(self.columns) // SPAN_FIELDS
+
+    def spans(self) -> Iterator[Span]:
+        """Each span as a tuple, made as it is read (for checks and tools; the hot path reads the columns)."""
+        organisations, models = self.organisations, self.models
+        for org, model, start, end, firmware in self.index_rows():
+            yield organisations[org], models[model], start, end, firmware
+
+    def index_rows(self) -> Iterator[tuple[int, int, int, int, int]]:
+        columns = self.columns
+        return zip(*(columns[field::SPAN_FIELDS] for field in range(SPAN_FIELDS)), strict=True)
 
     def next_transition(self, after: dt.date) -> dt.date | None:
         """The first date after ``after`` on which some estate changes by itself (rebuild views then)."""
@@ -139,7 +178,7 @@ class EstateTimeline:
         return dt.date.fromordinal(self.transitions[index])
 
 
-NO_ESTATES = EstateTimeline(spans=(), transitions=(), device_counts=MappingProxyType({}))
+NO_ESTATES = EstateTimeline.from_spans((), (), {})
 
 
 def compile_estates(estates: Iterable[Estate]) -> EstateTimeline:
@@ -214,10 +253,10 @@ def compile_estates(estates: Iterable[Estate]) -> EstateTimeline:
     if conflicts:
         raise EstateConflictError(conflicts)
     transitions -= {ALWAYS, FOREVER}
-    return EstateTimeline(
-        spans=tuple((*key, firmware) for key, firmware in lowest.items()),
-        transitions=tuple(sorted(transitions)),
-        device_counts=MappingProxyType({e.organisation: len(e) for e in estates}),
+    return EstateTimeline.from_spans(
+        ((*key, firmware) for key, firmware in lowest.items()),
+        transitions,
+        {e.organisation: len(e) for e in estates},
     )
 
 
@@ -238,20 +277,24 @@ def _listed_twice(estate: Estate) -> list[DuplicateDevice]:
 class EstateView:
     """The estates as they stand on one UTC date: what every entitlement decision on that date reads.
 
-    ``models`` maps each organisation that holds devices to its device models; ``lowest_firmware`` maps
-    (organisation, device model) to the lowest firmware a device of that model runs there
-    (:data:`UNKNOWN_FIRMWARE` if one runs a version nobody knows).
+    ``lowest_firmware`` maps each organisation that holds devices to its device models and, per model, the
+    lowest firmware a device of that model runs there (:data:`UNKNOWN_FIRMWARE` if one runs a version nobody
+    knows). Nested per organisation rather than keyed by (organisation, model) pairs: a hundred Suppliers with
+    two thousand models each would otherwise be 200,000 key tuples for the garbage collector to walk.
     """
 
     on: dt.date
-    models: Mapping[str, frozenset[DeviceModel]]
-    lowest_firmware: Mapping[tuple[str, DeviceModel], int]
+    lowest_firmware: Mapping[str, Mapping[DeviceModel, int]]
 
     def holds(self, organisation: str, model: DeviceModel) -> bool:
-        return (organisation, model) in self.lowest_firmware
+        return model in self.lowest_firmware.get(organisation, {})
+
+    def lowest_of(self, organisation: str, model: DeviceModel) -> int | None:
+        """The lowest firmware a device of ``model`` runs in the organisation's estate; ``None`` if it has none."""
+        return self.lowest_firmware.get(organisation, {}).get(model)
 
     def models_of(self, organisation: str) -> frozenset[DeviceModel]:
-        return self.models.get(organisation, frozenset())
+        return frozenset(self.lowest_firmware.get(organisation, {}))
 
 
 class HasEstates(Protocol):
@@ -269,21 +312,19 @@ def build_estate_view(source: EstateTimeline | HasEstates, on: dt.date) -> Estat
     """
     timeline = source if isinstance(source, EstateTimeline) else source.estates
     day = on.toordinal()
-    lowest: dict[tuple[str, DeviceModel], int] = {}
-    for org, model, start, end, firmware in timeline.spans:
+    stride = len(timeline.models)
+    lowest: dict[int, int] = {}  # organisation index * stride + model index: int keys hash in C
+    for org, model, start, end, firmware in timeline.index_rows():
         if start <= day < end:
-            key = (org, model)
+            key = org * stride + model
             known = lowest.get(key)
             if known is None or firmware < known:
                 lowest[key] = firmware
-    models: dict[str, set[DeviceModel]] = {}
-    for org, model in lowest:
-        models.setdefault(org, set()).add(model)
-    return EstateView(
-        on=on,
-        models=MappingProxyType({org: frozenset(held) for org, held in models.items()}),
-        lowest_firmware=MappingProxyType(lowest),
-    )
+    held: dict[str, dict[DeviceModel, int]] = {}
+    for key, firmware in lowest.items():
+        org, model = divmod(key, stride)
+        held.setdefault(timeline.organisations[org], {})[timeline.models[model]] = firmware
+    return EstateView(on=on, lowest_firmware=MappingProxyType(held))
 
 
 class UserLike(Protocol):
@@ -353,7 +394,7 @@ def is_update(
     Firmware versions compare as unsigned integers; a device of unknown firmware counts as older than any
     image. An organisation holding no device of the model has no update for it.
     """
-    lowest = estate_view.lowest_firmware.get((organisation, device_model))
+    lowest = estate_view.lowest_of(organisation, device_model)
     if lowest is None:
         return False
     number = int(firmware_version, 16) if isinstance(firmware_version, str) else firmware_version

@@ -38,7 +38,6 @@ import multiprocessing
 import os
 import stat
 import time
-from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -51,9 +50,8 @@ from typing import Any, Protocol
 import structlog
 from cryptography.hazmat.primitives import serialization
 
-from cfl_sftp.domain.entitlement import EstateTimeline, EstateView, build_estate_view
+from cfl_sftp.domain.entitlement import EstateView, build_estate_view
 from cfl_sftp.domain.errors import PolicyError, PolicyProblem
-from cfl_sftp.domain.model import DeviceModel
 from cfl_sftp.domain.signature import ManufacturerKey
 from cfl_sftp.policy.loader import ESTATES_DIR, load_policy_set, policy_digest
 from cfl_sftp.policy.snapshot import PolicySnapshot
@@ -159,11 +157,10 @@ def load_if_changed(directory: Path, today: dt.date, known_digests: frozenset[st
 
 
 # A snapshot crosses from the worker process to the service by pickling; only the pickler of multiprocessing is
-# taught the three cases below (no global copyreg change). Read-only mappings travel as dicts, and manufacturer
+# taught the two cases below (no global copyreg change). Read-only mappings travel as dicts, and manufacturer
 # keys as their SubjectPublicKeyInfo DER (the fingerprint is derived from it, as on loading). The estate
-# timeline's spans (hundreds of thousands of tuples for millions of devices) travel as columns of integers:
-# unpickling them as tuples would be one C call that holds the GIL, and so stalls the event loop, for hundreds
-# of milliseconds; rebuilt from columns they cost Python bytecode, which yields the GIL every few milliseconds.
+# timeline's spans are already one array of integers (see ``EstateTimeline``), which travels as one block of
+# bytes: unpickling hundreds of thousands of tuples would be one C call that holds the GIL for hundreds of ms.
 
 
 def _mapping_proxy(items: dict[Any, Any]) -> Mapping[Any, Any]:
@@ -184,39 +181,8 @@ def _reduce_manufacturer_key(key: ManufacturerKey) -> tuple[Any, ...]:
     return _manufacturer_key, (spki,)
 
 
-_SPAN_FIELDS = 5
-
-
-def _timeline(
-    organisations: list[str],
-    models: list[DeviceModel],
-    columns: bytes,
-    transitions: tuple[int, ...],
-    device_counts: dict[str, int],
-) -> EstateTimeline:
-    numbers = array("q")
-    numbers.frombytes(columns)
-    spans = tuple(
-        (organisations[numbers[i]], models[numbers[i + 1]], numbers[i + 2], numbers[i + 3], numbers[i + 4])
-        for i in range(0, len(numbers), _SPAN_FIELDS)
-    )
-    return EstateTimeline(spans, transitions, MappingProxyType(device_counts))
-
-
-def _reduce_timeline(timeline: EstateTimeline) -> tuple[Any, ...]:
-    organisations: dict[str, int] = {}
-    models: dict[DeviceModel, int] = {}
-    numbers = array("q")
-    for organisation, model, start, end, firmware in timeline.spans:
-        org_index = organisations.setdefault(organisation, len(organisations))
-        numbers.extend((org_index, models.setdefault(model, len(models)), start, end, firmware))
-    return _timeline, (list(organisations), list(models), numbers.tobytes(), timeline.transitions,
-                       dict(timeline.device_counts))
-
-
 ForkingPickler.register(MappingProxyType, _reduce_mapping_proxy)
 ForkingPickler.register(ManufacturerKey, _reduce_manufacturer_key)
-ForkingPickler.register(EstateTimeline, _reduce_timeline)
 
 
 def _load_and_send(directory: Path, today: dt.date, known_digests: frozenset[str], pipe: Connection) -> None:

@@ -51,16 +51,3 @@ def sftp_errors(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             raise translate(exc) from None
 
     return wrapper
-
-
-def sftp_errors_sync(func: Callable[P, T]) -> Callable[P, T]:
-    """The same for the few hooks asyncssh calls synchronously (``scandir`` must raise at ``opendir``)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return func(*args, **kwargs)
-        except Exception as exc:
-            raise translate(exc) from None
-
-    return wrapper

@@ -26,7 +26,7 @@ import structlog
 
 from cfl_sftp.domain.errors import Outcome
 from cfl_sftp.intake import PackageUpload, Uploader
-from cfl_sftp.sftp.errors import no_such_file, permission_denied, sftp_errors, sftp_errors_sync, translate
+from cfl_sftp.sftp.errors import no_such_file, permission_denied, sftp_errors, translate
 from cfl_sftp.sftp.handles import (
     BytesHandle,
     DecryptingHandle,
@@ -114,8 +114,8 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
         """The most files a session may hold open (what ``limits@openssh.com`` reports)."""
         return self._runtime.limits.open_files_per_session
 
-    def _view(self) -> UserView:
-        view = self._runtime.view_for(self.user)
+    async def _view(self) -> UserView:
+        view = await self._runtime.view_for(self.user)
         if view is None:  # removed, disabled or organisation gone: access ends at the next request
             self._runtime.close_sessions_of(self.user)
             raise asyncssh.SFTPPermissionDenied("Access has been withdrawn")
@@ -150,7 +150,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
     # -- attributes ------------------------------------------------------------------------------------
 
     async def _stat(self, path: bytes) -> asyncssh.SFTPAttrs:
-        view = self._view()
+        view = await self._view()
         parts = split_path(path)
         if not parts:
             return _attrs(DIR_MODE, 0, EPOCH)
@@ -234,17 +234,21 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
 
     # -- listing ---------------------------------------------------------------------------------------
 
-    @sftp_errors_sync
     def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
+        """Never called: our handler answers OPENDIR with :meth:`opendir`, which may wait for the user's view."""
+        raise asyncssh.SFTPOpUnsupported("opendir is answered by LibrarySFTPServer.opendir")
+
+    @sftp_errors
+    async def opendir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         """Check existence now (``opendir`` answers ``NO_SUCH_FILE`` at once); list lazily."""
         try:
-            return self._scandir(path)
+            return await self._listing(path)
         except asyncssh.SFTPNoSuchFile:
             self._note_invisible(path, "opendir")
             raise
 
-    def _scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
-        view = self._view()
+    async def _listing(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
+        view = await self._view()
         parts = split_path(path)
         if not parts:
             names = view.top_level()
@@ -297,7 +301,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
-        view = self._view()
+        view = await self._view()
         parts = split_path(path)
         writing = bool(pflags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC))
         if writing and not self._is_incoming(parts, view):
@@ -425,9 +429,9 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
 
     # -- changes: allowed only in /incoming ------------------------------------------------------------
 
-    def _incoming_name(self, path: bytes) -> str:
+    async def _incoming_name(self, path: bytes) -> str:
         """The file name when ``path`` is directly in this uploader's ``/incoming``; else refuse."""
-        view = self._view()
+        view = await self._view()
         parts = split_path(path)
         if not self._is_incoming(parts, view) or len(parts) != 2:
             raise self._denied("change", path)
@@ -435,7 +439,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        name = self._incoming_name(path)
+        name = await self._incoming_name(path)
         if self._runtime.processed_name(self.user, name) is not None:
             return
         if name.endswith(".cfl") or await asyncio.to_thread(self._runtime.staging.get, self.user, name) is None:
@@ -453,7 +457,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
 
     @sftp_errors
     async def remove(self, path: bytes) -> None:
-        name = self._incoming_name(path)
+        name = await self._incoming_name(path)
         if name.endswith(".cfl"):
             if self._runtime.forget_processed(self.user, name):
                 return
@@ -464,8 +468,8 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
             raise no_such_file()
 
     async def _rename(self, old: bytes, new: bytes, *, overwrite: bool) -> None:
-        old_name = self._incoming_name(old)
-        new_name = self._incoming_name(new)
+        old_name = await self._incoming_name(old)
+        new_name = await self._incoming_name(new)
         if not INCOMING_NAME.match(new_name):
             raise asyncssh.SFTPPermissionDenied("Names in /incoming are letters, digits and . _ + -")
         if old_name.endswith(".cfl") or self._runtime.upload_in_progress(self.user, new_name):

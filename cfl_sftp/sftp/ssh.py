@@ -2,12 +2,13 @@
 as the only thing a session may do.
 
 No passwords, keyboard-interactive, shell, exec (so no legacy SCP protocol), port or agent forwarding. The SFTP
-subsystem runs our own handler subclass, which differs from asyncssh's in four documented ways: it accepts a
+subsystem runs our own handler subclass, which differs from asyncssh's in five documented ways: it accepts a
 WRITE that carries bytes after its declared data (rclone 1.60 sends such packets; OpenSSH's server ignores the
 extra bytes, and so do we); it tells our server when a session ends with handles still open, so that a
 package in progress is discarded instead of sent to the gateway; its ``limits@openssh.com`` reply names the
-open-file limit the server enforces instead of the host's; and it sends an exit status when the session ends, as
-OpenSSH's sftp-server does by exiting (``scp`` fails a finished transfer without one).
+open-file limit the server enforces instead of the host's; it answers OPENDIR through our server's async
+``opendir`` (a user's view may be being built in a worker thread); and it sends an exit status when the session
+ends, as OpenSSH's sftp-server does by exiting (``scp`` fails a finished transfer without one).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ log = structlog.get_logger(__name__)
 
 SFTP_VERSION = 3
 FXP_WRITE = 6  # SSH_FXP_WRITE (draft-ietf-secsh-filexfer-02)
+FXP_OPENDIR = 11  # SSH_FXP_OPENDIR
 
 
 class LibrarySFTPHandler(SFTPServerHandler):
@@ -68,8 +70,21 @@ class LibrarySFTPHandler(SFTPServerHandler):
         handles = server.open_files_limit if isinstance(server, LibrarySFTPServer) else 0
         return SFTPLimits(MAX_SFTP_PACKET_LEN, MAX_SFTP_READ_LEN, MAX_SFTP_WRITE_LEN, handles)
 
+    async def _process_opendir(self, packet: SSHPacket) -> bytes:
+        """OPENDIR through our server's async ``opendir``: deciding whether a folder exists may have to wait for
+        the user's view to be built off the loop, which asyncssh's synchronous ``scandir`` hook cannot."""
+        path = packet.get_string()
+        packet.check_end()
+        server = self._server
+        assert isinstance(server, LibrarySFTPServer)
+        listing = await server.opendir(path)
+        handle = self._get_next_handle()
+        self._dir_handles[handle] = listing
+        return handle
+
     _packet_handlers = {  # noqa: RUF012 - asyncssh looks the table up on the class
         **SFTPServerHandler._packet_handlers,
+        FXP_OPENDIR: cast(Any, _process_opendir),
         FXP_WRITE: cast(Any, _process_lenient_write),
         b"limits@openssh.com": cast(Any, _process_limits),
     }
@@ -193,8 +208,7 @@ class LibrarySSHServer(asyncssh.SSHServer):
             self._runtime.credentials.add(self._session_id, self._user, self._auth.credential, self._conn.close)
         self._runtime.guard.authenticated()
         self._runtime.session_opened(self._user, self._session_id, self._peer, self._conn)
-        view = self._runtime.view_for(self._user)
-        organisation = view.organisation if view is not None else ""
+        organisation = self._runtime.organisation_of(self._user) or ""
         if not self._runtime.guard.admit_session(
             self._address, self._user, organisation, self._runtime.open_sessions(self._user)
         ):

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from cfl_sftp.sftp.tree import Folder
+from cfl_sftp.catalogue import Catalogue
+from cfl_sftp.domain.entitlement import EstateView, is_entitled, is_update
+from cfl_sftp.domain.model import Purpose, Role
+from cfl_sftp.policy import PolicySnapshot
+from cfl_sftp.policy.snapshot import Organisation, User
+from cfl_sftp.sftp.tree import Folder, build_library_folder
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,3 +37,31 @@ class UserView:
         if self.updates is not None:
             names.append("updates")
         return names
+
+
+EntitledFolders = tuple[Folder | None, Folder | None]
+
+
+def build_entitled_folders(  # noqa: PLR0917 - one generation's inputs, captured together by the caller
+    snapshot: PolicySnapshot,
+    estate: EstateView,
+    catalogue: Catalogue,
+    user: User,
+    organisation: Organisation,
+    admitted: Collection[Purpose],
+) -> EntitledFolders:
+    """``/images`` and ``/updates`` for an organisation and role set (SPEC 5): O(images), run in a worker thread.
+
+    Entitlement reads nothing of a user but its roles, so every user of one organisation with the same roles
+    shares the result.
+    """
+    entitled = [
+        image
+        for image in catalogue.images
+        if is_entitled(user, organisation, snapshot.roles, estate, image.device_type, image.device_model,
+                       image.purpose, admitted)
+    ]
+    reads_notes = Role.RELEASE_NOTES in user.roles
+    images = build_library_folder(entitled, with_notes=reads_notes, with_index=True)
+    newer = [i for i in entitled if is_update(estate, organisation.id, i.device_model, i.firmware_version)]
+    return images, build_library_folder(newer, with_notes=reads_notes, with_index=False)
