@@ -2,7 +2,8 @@
 
 Reads of library images come straight from the content-addressed file with ``pread``; release notes and held
 packages are decrypted segment by segment in a worker thread, so plaintext exists only in the reply being built.
-Package uploads are fed to the gateway in batches by a worker thread, so the event loop only copies bytes.
+Package uploads are fed to the gateway in batches by a worker thread of their own, so the event loop only queues
+bytes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +26,7 @@ from cfl_sftp.staging import StagingWriter
 
 INLINE_READ_LIMIT = 256 * 1024
 UPLOAD_BATCH_BYTES = 1 << 20
+UPLOAD_BATCHES_IN_FLIGHT = 4
 
 
 class ReadHandle:
@@ -133,7 +137,14 @@ def no_ranges(offset: int, whence: int = os.SEEK_SET) -> int:
 
 
 class PackageHandle:
-    """A ``*.cfl`` being uploaded. Writes must come in order (every SFTP client sends them so)."""
+    """A ``*.cfl`` being uploaded. Writes must come in order (every SFTP client sends them so).
+
+    asyncssh serves a session's requests one at a time, so a WRITE that waits for the gateway's feed stops the
+    whole session from reading the next request. Batches therefore go to a worker of this upload's own, which
+    keeps their order, and the loop waits only when :data:`UPLOAD_BATCHES_IN_FLIGHT` batches are queued: memory
+    stays bounded per upload while the network and the feed (hashing, the encrypted spool, the image file)
+    overlap on two cores.
+    """
 
     seek = staticmethod(no_ranges)
 
@@ -144,7 +155,8 @@ class PackageHandle:
         self.out_of_order = False
         self._batch: list[bytes] = []
         self._batch_bytes = 0
-        self._in_flight: asyncio.Future[None] | None = None
+        self._in_flight: deque[asyncio.Future[None]] = deque()
+        self._worker: ThreadPoolExecutor | None = None
 
     async def write(self, offset: int, data: bytes) -> None:
         if offset != self.next_offset:
@@ -162,30 +174,38 @@ class PackageHandle:
             self.upload.write(chunk)
 
     async def _flush(self) -> None:
-        """Hand the batch to a worker thread; at most one batch is in flight, so memory stays bounded."""
-        if self._in_flight is not None:
-            await self._in_flight
-            self._in_flight = None
+        """Queue the batch for this upload's worker; wait for the oldest one once too many are queued."""
+        while len(self._in_flight) >= UPLOAD_BATCHES_IN_FLIGHT:
+            await self._in_flight.popleft()
         if self._batch:
             batch, self._batch, self._batch_bytes = self._batch, [], 0
-            self._in_flight = asyncio.ensure_future(asyncio.to_thread(self._write_all, batch))
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="cfl-upload")
+            loop = asyncio.get_running_loop()
+            self._in_flight.append(loop.run_in_executor(self._worker, self._write_all, batch))
 
     async def drain(self) -> None:
+        """Feed what is left; raise the first error of any batch once every batch has finished."""
         await self._flush()
-        if self._in_flight is not None:
-            await self._in_flight
-            self._in_flight = None
+        failures = [r for r in await self._settle() if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
+
+    async def _settle(self) -> list[object]:
+        pending, self._in_flight = list(self._in_flight), deque()
+        try:
+            return await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown(wait=False)
+                self._worker = None
 
     async def complete(self) -> Receipt:
         await self.drain()
         return await asyncio.to_thread(self.upload.complete)
 
     async def abort(self) -> None:
-        try:
-            if self._in_flight is not None:
-                await self._in_flight
-        except Exception:  # noqa: S110 - the upload is being thrown away; its error no longer matters
-            pass
+        await self._settle()  # the upload is being thrown away: its batches' errors no longer matter
         await asyncio.to_thread(self.upload.abort)
 
 
