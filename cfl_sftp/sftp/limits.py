@@ -136,13 +136,17 @@ class AbuseGuard:
 
     # -- refusals -------------------------------------------------------------------------------------
 
-    def refuse_connection(self, address: str, reason: str, actor: str = "", organisation: str = "") -> None:
-        """Log and (at most once per address, reason and minute) audit a refused connection."""
-        log.warning("session_refused", peer=address, reason=reason, user=actor or None)
+    def refuse_connection(
+        self, address: str, reason: str, actor: str = "", organisation: str = "", peer: str | None = None
+    ) -> None:
+        """Log and (at most once per address, reason and minute) audit a refused connection; ``peer`` (address
+        and port) names it when known."""
+        peer = peer or address
+        log.warning("session_refused", peer=peer, reason=reason, user=actor or None)
         minute = int(self._clock().timestamp() // 60)
         if self._last_refusal_audit.get((address, reason)) != minute:
             self._last_refusal_audit[(address, reason)] = minute
-            self._audit(AuditEvent("session-refused", actor, organisation, address, {"reason": reason}))
+            self._audit(AuditEvent("session-refused", actor, organisation, peer, {"reason": reason}))
 
     def banned(self, address: str) -> bool:
         until = self._banned_until.get(address)
@@ -227,10 +231,10 @@ class AbuseGuard:
             count = await asyncio.to_thread(admit)
         except Exception:
             log.exception("session_not_recorded", peer=address, user=user)
-            self.refuse_connection(address, "database-unavailable", user, organisation)
+            self.refuse_connection(address, "database-unavailable", user, organisation, peer)
             return False
         if count is None:
-            self.refuse_connection(address, "sessions-per-user", user, organisation)
+            self.refuse_connection(address, "sessions-per-user", user, organisation, peer)
             return False
         return True
 
