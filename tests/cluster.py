@@ -1,7 +1,7 @@
 """Several real ``cfl-sftp serve`` processes behind a private HAProxy (SPEC 9 "Several nodes").
 
 The nodes share one deployment folder (``data_dir``, ``policies/``, keys) and one database; each has its own
-config file that differs only in nothing but its name (``listen`` on port 0: the node logs the port it bound in
+config file, a copy of the deployment's (``listen`` on port 0: the node logs the port it bound in
 its ``service_started`` line). HAProxy runs as our own subprocess (``haproxy -db -f <tmp>/haproxy.cfg``, never the
 system service) in ``mode tcp`` with ``send-proxy-v2``, and offers three frontends: ``balanced`` (round robin
 over every node, on 127.0.0.1 and on ::1) and one per node (``via(i)``), so a test can choose the node and
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -132,10 +133,12 @@ def haproxy_config(node_ports: list[int], balanced: int, per_node: list[int], ip
     return text
 
 
-def start_cluster(root: Path, folder: Path, count: int = 2) -> Cluster:
-    """Start ``count`` nodes on the deployment at ``root`` (its ``cfl-sftp.toml``) and HAProxy before them."""
-    haproxy = require_haproxy()
-    base = (root / "cfl-sftp.toml").read_text()
+def start_cluster(root: Path, folder: Path, count: int = 2, *, balancer: bool = True) -> Cluster:
+    """Start ``count`` nodes on the deployment at ``root`` (its ``cfl-sftp.toml``) and HAProxy before them;
+    with ``balancer=False`` (benchmarks only) the nodes serve clients directly, without PROXY headers."""
+    haproxy = require_haproxy() if balancer else ""
+    base = re.sub(r"^proxy_protocol = .*$", f"proxy_protocol = {'true' if balancer else 'false'}",
+                  (root / "cfl-sftp.toml").read_text(), flags=re.MULTILINE)
     nodes = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for i in range(count):
@@ -151,6 +154,10 @@ def start_cluster(root: Path, folder: Path, count: int = 2) -> Cluster:
         deadline = time.monotonic() + STARTUP_SECONDS
         for node in nodes:
             node.port = _started_port(node, deadline)
+        if not balancer:
+            cluster.balanced_port = nodes[0].port
+            cluster.node_ports = [n.port for n in nodes]
+            return cluster
         cluster.balanced_port = free_port()
         cluster.node_ports = [free_port() for _ in nodes]
         cfg = folder / "haproxy.cfg"
@@ -167,8 +174,8 @@ def start_cluster(root: Path, folder: Path, count: int = 2) -> Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, folder: Path, count: int = 2) -> Iterator[Cluster]:
-    cluster = start_cluster(root, folder, count)
+def running_cluster(root: Path, folder: Path, count: int = 2, *, balancer: bool = True) -> Iterator[Cluster]:
+    cluster = start_cluster(root, folder, count, balancer=balancer)
     try:
         yield cluster
     finally:
