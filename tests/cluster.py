@@ -118,13 +118,17 @@ def _wait_for_banner(port: int, host: str, deadline: float) -> None:
 
 def haproxy_config(node_ports: list[int], balanced: int, per_node: list[int], ipv6: bool) -> str:
     """The configuration that docs/operating.md shows, with one extra frontend per node for the tests."""
-    servers = "".join(f"    server node{i} 127.0.0.1:{p} send-proxy-v2\n" for i, p in enumerate(node_ports))
+    # Health checks every 200 ms, one failure marks a node down: a node that mishandled the check's PROXY LOCAL
+    # header would drop out of the balanced backend at once, and the tests going through it would fail.
+    servers = "".join(f"    server node{i} 127.0.0.1:{p} send-proxy-v2 check check-send-proxy inter 200ms fall 1"
+                      " rise 1\n" for i, p in enumerate(node_ports))
     binds = f"    bind 127.0.0.1:{balanced}\n" + (f"    bind [::1]:{balanced}\n" if ipv6 else "")
     text = (
         "global\n    maxconn 2000\n\n"
         "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\n"
         f"frontend balanced\n{binds}    default_backend nodes\n\n"
-        f"backend nodes\n    balance roundrobin\n{servers}\n"
+        "backend nodes\n    balance roundrobin\n    option tcp-check\n    tcp-check expect string SSH-2.0-\n"
+        f"{servers}\n"
     )
     for i, (node_port, port) in enumerate(zip(node_ports, per_node, strict=True)):
         text += (f"frontend only{i}\n    bind 127.0.0.1:{port}\n" + (f"    bind [::1]:{port}\n" if ipv6 else "")

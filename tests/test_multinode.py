@@ -94,6 +94,18 @@ async def test_an_image_uploaded_through_one_node_downloads_through_the_other(
             assert await f.read() == image_of(SPEC)
 
 
+async def test_haproxy_health_checks_with_a_local_header_keep_both_nodes_in_service(
+    deployment: DeploymentUnderTest, cluster: Cluster
+) -> None:
+    await asyncio.sleep(1.0)  # five rounds of checks; a single failed one takes a node out (tests/cluster.py)
+    for _ in range(4):
+        async with await connect(deployment, cluster.balanced_port, "northern-ops") as conn, \
+                conn.start_sftp_client() as sftp:
+            await sftp.listdir("/")
+    per_node = [sum(line.get("event") == "login_accepted" for line in cluster.log_lines(i)) for i in (0, 1)]
+    assert per_node == [2, 2]  # round robin over two nodes that are both up
+
+
 async def test_one_audit_log_without_gap_or_duplicate_across_both_nodes(
     deployment: DeploymentUnderTest, cluster: Cluster
 ) -> None:

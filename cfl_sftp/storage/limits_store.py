@@ -1,10 +1,10 @@
 """Bans, failed logins and open sessions shared by every node through the database (SPEC 9).
 
 Repository functions: each receives a session and never commits (the caller owns the transaction). Races between
-nodes are settled here: a ban is one row per address, so two nodes that reach the threshold together write it
-once (the second sees it and stays silent); a user's sessions are counted under a per-user lock (a PostgreSQL
-transaction-level advisory lock; SQLite's writing transactions are serialised already), so two nodes admitting
-the same user at once cannot both slip under ``sessions_per_user``.
+nodes are settled here, under a lock per address (failed logins) or per user (sessions): a PostgreSQL
+transaction-level advisory lock; SQLite's writing transactions are serialised already. So failures on two nodes
+at the same moment both count, a ban is decided (and audited) once, and two nodes admitting the same user at
+once cannot both slip under ``sessions_per_user``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from cfl_sftp.storage.models import BanRow, FailedLoginRow, NodeRow, OpenSessionRow
 
-_SESSION_LOCK_SPACE = 0x6366_6C02  # arbitrary constant: "cfl" + 2 (the migration lock is + 1)
+_SESSION_LOCK_SPACE = 0x6366_6C02  # arbitrary constants: "cfl" + 2 and + 3 (the migration lock is + 1)
+_BAN_LOCK_SPACE = 0x6366_6C03
 
 
 def active_bans(session: Session, now: dt.datetime) -> dict[str, dt.datetime]:
@@ -36,7 +37,8 @@ def record_failed_login(
     Returns the number of failures when this call decided the ban (the caller audits it), else None; a failure
     from an address already banned (a login that began before the ban) decides nothing.
     """
-    ban = session.get(BanRow, address, with_for_update=True)
+    _lock(session, _BAN_LOCK_SPACE, address)
+    ban = session.get(BanRow, address)
     if ban is not None and ban.until > now:
         return None
     session.add(FailedLoginRow(address=address, at=now))
@@ -57,11 +59,11 @@ def record_failed_login(
     return count
 
 
-def _lock_user(session: Session, user: str) -> None:
+def _lock(session: Session, space: int, name: str) -> None:
+    """Serialise transactions about ``name`` until this one ends (PostgreSQL; SQLite's writers are serial)."""
     if session.get_bind().dialect.name == "postgresql":
-        key = zlib.crc32(user.encode())
-        session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"),
-                        {"space": _SESSION_LOCK_SPACE, "key": key - (1 << 31)})
+        key = zlib.crc32(name.encode())
+        session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": space, "key": key - (1 << 31)})
 
 
 def _live_node(node_id: str, live_after: dt.datetime) -> ColumnElement[bool]:
@@ -75,7 +77,7 @@ def open_session(
 ) -> int | None:
     """Record ``row`` if its user has fewer than ``limit`` sessions on live nodes; return the count with it,
     or None (nothing recorded) when the limit is reached."""
-    _lock_user(session, row.user)
+    _lock(session, _SESSION_LOCK_SPACE, row.user)
     count = session.scalar(
         select(func.count()).select_from(OpenSessionRow)
         .where(OpenSessionRow.user == row.user, _live_node(row.node_id, live_after))
