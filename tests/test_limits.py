@@ -10,9 +10,11 @@ import asyncssh
 import pytest
 from sqlalchemy import select
 
+from cfl_sftp.service import node_endpoint, start
 from cfl_sftp.storage import limits_store
 from cfl_sftp.storage.db import Database
-from cfl_sftp.storage.models import NodeRow, OpenSessionRow
+from cfl_sftp.storage.models import BanRow, NodeRow, OpenSessionRow
+from tests.cluster import free_port
 from tests.deployments import DeploymentUnderTest
 from tests.sftp_support import CLIENT_TIMEOUT, SftpServer, start_sftp_server
 
@@ -88,8 +90,8 @@ def _session(session_id: str, node: str, user: str = "northern-ops", endpoint: s
                           opened_at=NOW)
 
 
-def _beat(db: Database, node: str, seconds_ago: int) -> None:
-    moment = NOW - dt.timedelta(seconds=seconds_ago)
+def _beat(db: Database, node: str, seconds_ago: int, now: dt.datetime = NOW) -> None:
+    moment = now - dt.timedelta(seconds=seconds_ago)
     with db.writing() as session:
         session.add(NodeRow(node_id=node, kek_id="k", started_at=moment, last_seen=moment))
 
@@ -138,3 +140,62 @@ def test_failed_logins_from_any_node_add_up_to_one_ban(td: DeploymentUnderTest) 
         assert limits_store.active_bans(session, NOW + dt.timedelta(seconds=61)) == {
             "192.0.2.1": NOW + dt.timedelta(seconds=62)}
         assert limits_store.active_bans(session, NOW + dt.timedelta(seconds=62)) == {}
+
+
+# -- shared limits through a real server ------------------------------------------------------------------
+
+
+async def test_a_ban_written_by_another_node_is_refused_here(tmp_path: Path) -> None:
+    server = await start_sftp_server(tmp_path)
+    try:
+        now = dt.datetime.now(dt.UTC)
+        with server.td.deployment.db.writing() as session:  # as another node deciding a ban would
+            session.add(BanRow(address="127.0.0.1", until=now + dt.timedelta(seconds=60), banned_at=now,
+                               failed_logins=10, node_id="other-node"))
+        for _ in range(100):  # the ban cache is refreshed every 0.5 s
+            try:
+                async with await connect_with(server, "northern-ops", str(server.key("northern-ops"))):
+                    pass
+            except (OSError, asyncssh.Error):
+                break
+            await asyncio.sleep(0.1)
+        refused = await server.wait_for_audit("session-refused")
+        assert [(e["peer"], e["details"]["reason"]) for e in refused] == [("127.0.0.1", "address-banned")]
+        assert server.audit_events("address-banned") == []  # the deciding node audits the ban, not this one
+    finally:
+        await server.service.stop()
+
+
+async def test_sessions_on_a_dead_node_do_not_count_against_the_limit(tmp_path: Path) -> None:
+    server = await start_sftp_server(tmp_path, {"sessions_per_user": "1"})
+    try:
+        db = server.td.deployment.db
+        _beat(db, "dead-node", 61, dt.datetime.now(dt.UTC))
+        with db.writing() as session:
+            session.add(_session("left-behind", "dead-node"))
+        async with server.sftp("northern-ops") as sftp:
+            assert "images" in await sftp.listdir("/")
+        assert server.audit_events("session-refused") == []
+    finally:
+        await server.service.stop()
+
+
+async def test_a_restarted_node_drops_what_its_previous_run_left(tmp_path: Path) -> None:
+    port = free_port()
+    td_settings = {"listen": f'["127.0.0.1:{port}"]', "sessions_per_user": "1"}
+    server = await start_sftp_server(tmp_path, td_settings)
+    endpoint = node_endpoint(server.service.servers)
+    await server.service.stop()
+    db = Database(server.td.deployment.config.database_url)
+    try:
+        _beat(db, "previous-run", 0, dt.datetime.now(dt.UTC))  # not yet 60 s silent: only the endpoint tells
+        with db.writing() as session:
+            session.add(_session("stale", "previous-run", endpoint=endpoint))
+    finally:
+        db.dispose()
+    again = await start(server.td.deployment.config)
+    try:
+        with again.runtime.deployment.db.reading() as session:
+            assert list(session.scalars(select(OpenSessionRow.session_id))) == []
+    finally:
+        await again.stop()
