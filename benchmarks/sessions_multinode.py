@@ -3,8 +3,10 @@
 A deployment built like ``tests/deployments.py`` on a fresh PostgreSQL database (``--postgresql-url``, default
 ``$CFL_SFTP_TEST_POSTGRESQL_URL``), with ``[limits]`` raised so that every client below is allowed
 (``sessions_per_user`` and ``unauthenticated_connections`` 1000), and one 4 MiB image (``--image-size``) seeded
-through the gateway before any node starts. Then, for each set-up in turn:
+through the gateway before any node starts (and the same on SQLite, for the single-node default). Then, for each
+set-up in turn:
 
+* ``1 node, SQLite``: one node on the default database, clients straight to it;
 * ``1 node``: one ``cfl-sftp serve`` process, clients straight to it (``proxy_protocol = false``);
 * ``1 node + HAProxy``: the same behind a private HAProxy (``mode tcp``, ``send-proxy-v2``): the balancer's cost;
 * ``2 nodes + HAProxy``: two ``serve`` processes on the same database and data folder, round robin.
@@ -43,7 +45,7 @@ from benchmarks._common import MB, PACKAGE_OVERHEAD_ALLOWANCE, MiB, load_note, p
 from benchmarks.audit_under_load import seed_library
 from tests.cluster import running_cluster
 from tests.databases import POSTGRESQL_URL_ENV, fresh_postgresql_database
-from tests.deployments import make_deployment
+from tests.deployments import DeploymentUnderTest, make_deployment
 
 SETUPS = (("1 node", 1, False), ("1 node + HAProxy", 1, True), ("2 nodes + HAProxy", 2, True))
 
@@ -139,27 +141,38 @@ def measure(port: int, key: str, image_path: str, args: argparse.Namespace) -> t
     return sessions / args.seconds, len(errors), total / MB / seconds
 
 
+def seeded_deployment(folder: Path, url: str | None, image_size: int) -> tuple[DeploymentUnderTest, str, int]:
+    """A deployment with raised limits and one image; its image path and size."""
+    td = make_deployment(folder, database_url=url, settings={
+        "listen": '["127.0.0.1:0"]', "host_keys": '["keys/ssh_host_ed25519_key"]',
+        "sessions_per_user": "1000", "unauthenticated_connections": "1000",
+    })
+    try:
+        image_path, size = seed_library(td.deployment, folder, image_size + PACKAGE_OVERHEAD_ALLOWANCE)
+    finally:
+        td.deployment.close()
+    return td, image_path, size
+
+
 def run(args: argparse.Namespace, tmp: Path) -> int:
     with fresh_postgresql_database() as url:
-        td = make_deployment(tmp, database_url=url, settings={
-            "listen": '["127.0.0.1:0"]', "host_keys": '["keys/ssh_host_ed25519_key"]',
-            "sessions_per_user": "1000", "unauthenticated_connections": "1000",
-        })
-        try:
-            image_path, image_size = seed_library(td.deployment, tmp, args.image_size + PACKAGE_OVERHEAD_ALLOWANCE)
-        finally:
-            td.deployment.close()
-        key = str(td.key_path("northern-ops"))
-        print(f"image {image_size} bytes; {args.clients} clients for sessions/s over {args.seconds:g} s; "
+        (tmp / "pg").mkdir()
+        (tmp / "sqlite").mkdir()
+        postgresql = seeded_deployment(tmp / "pg", url, args.image_size)
+        sqlite = seeded_deployment(tmp / "sqlite", None, args.image_size)
+        print(f"image {postgresql[2]} bytes; {args.clients} clients for sessions/s over {args.seconds:g} s; "
               f"{args.downloads} simultaneous downloads; {args.client_processes} client processes")
-        print(f"{'set-up':<20} {'sessions/s':>11} {'errors':>7} {'download MB/s':>14}   load")
-        for label, count, balancer in SETUPS:
-            folder = tmp / label.replace(" ", "-").replace("+", "")
+        print(f"{'set-up':<28} {'sessions/s':>11} {'errors':>7} {'download MB/s':>14}   load")
+        setups = [("1 node, SQLite", 1, False, sqlite)] + [
+            (f"{label}, PostgreSQL", count, balancer, postgresql) for label, count, balancer in SETUPS]
+        for label, count, balancer, (td, image_path, _) in setups:
+            folder = tmp / label.replace(" ", "-").replace("+", "").replace(",", "")
             folder.mkdir()
             wait_for_quiet(args.wait_quiet)
             with running_cluster(td.root, folder, count, balancer=balancer) as cluster:
-                rate, errors, mbps = measure(cluster.balanced_port, key, image_path, args)
-            print(f"{label:<20} {rate:>11.1f} {errors:>7} {mbps:>14.1f}   {load_note()}")
+                rate, errors, mbps = measure(cluster.balanced_port, str(td.key_path("northern-ops")), image_path,
+                                             args)
+            print(f"{label:<28} {rate:>11.1f} {errors:>7} {mbps:>14.1f}   {load_note()}")
     return 0
 
 

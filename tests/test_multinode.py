@@ -28,6 +28,8 @@ from tests.sftp_support import CLIENT_TIMEOUT, IMAGE_PATH, TEST_SETTINGS
 
 SPEC = PackageSpec(image_size=64 << 10)
 
+pytestmark = pytest.mark.slow  # each test starts two nodes and HAProxy: several seconds
+
 
 @pytest.fixture
 def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DeploymentUnderTest]:
