@@ -35,6 +35,7 @@ from cfl_sftp.storage import limits_store
 from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.storage.db import Database
 from cfl_sftp.storage.models import OpenSessionRow
+from cfl_sftp.vault_admin import NODE_LIVE_SECONDS
 
 log = structlog.get_logger(__name__)
 
@@ -42,8 +43,6 @@ BAN_REFRESH_SECONDS = 0.5
 """How often a node reads the bans other nodes decided: a ban holds everywhere within about a second."""
 SWEEP_SECONDS = 15.0
 """How often a node drops dead nodes' sessions, ended bans and old failures."""
-NODE_DEAD_SECONDS = 60
-"""A node whose heartbeat is older than this is dead and its sessions no longer count (SPEC 9)."""
 
 
 def _now() -> dt.datetime:
@@ -109,7 +108,7 @@ class AbuseGuard:
         def sweep() -> None:
             with self._db.writing() as session:
                 limits_store.sweep(
-                    session, self._node_id, now, live_after=now - dt.timedelta(seconds=NODE_DEAD_SECONDS),
+                    session, self._node_id, now, live_after=now - dt.timedelta(seconds=NODE_LIVE_SECONDS),
                     failures_before=now - dt.timedelta(seconds=limits.ban_seconds),
                 )
 
@@ -225,7 +224,7 @@ class AbuseGuard:
         def admit() -> int | None:
             with self._db.writing() as session:
                 return limits_store.open_session(
-                    session, row, limit=limit, live_after=now - dt.timedelta(seconds=NODE_DEAD_SECONDS))
+                    session, row, limit=limit, live_after=now - dt.timedelta(seconds=NODE_LIVE_SECONDS))
 
         try:
             count = await asyncio.to_thread(admit)
