@@ -105,7 +105,7 @@ class Runtime:
         self._tasks: set[asyncio.Future[object]] = set()
         self.audit_writer = AuditWriter(deployment.db)
         self._library_paths: frozenset[str] = frozenset()
-        self.guard = AbuseGuard(lambda: self.deployment.config.limits, self.audit_soon)
+        self.guard = AbuseGuard(lambda: self.deployment.config.limits, self.audit_soon, deployment.db)
         # The gateway asks the deployment for the policy in force: make that this runtime's snapshot.
         deployment.policy = lambda: self._snapshot
         settle_heap()
@@ -230,9 +230,6 @@ class Runtime:
         log.info("session_closed", session=session_id, user=username, peer=peer)
         self.audit_soon(AuditEvent("session-closed", username, self.organisation_of(username) or "", peer, {
             "session": session_id}))
-
-    def open_sessions(self, username: str) -> int:
-        return len(self._connections.get(username, {}))
 
     def close_sessions_of(self, username: str) -> None:
         for conn in list(self._connections.get(username, {}).values()):

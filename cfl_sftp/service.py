@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import signal
+import socket
 from dataclasses import dataclass
 
 import asyncssh
@@ -25,6 +26,7 @@ from cfl_sftp.logs import configure_logging
 from cfl_sftp.policy import PolicySnapshot, load_policy_set
 from cfl_sftp.policy.reloader import PolicyReloader
 from cfl_sftp.runtime import Runtime
+from cfl_sftp.sftp.proxy import ProxyProtocolListener
 from cfl_sftp.sftp.ssh import LibrarySSHServer
 from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.vault_admin import NODE_HEARTBEAT_SECONDS, new_node_id, node_stopped, record_node_heartbeat
@@ -39,6 +41,13 @@ CHECKPOINT_SECONDS = 15.0  # SPEC 8 asks for a checkpoint within 60 s of any new
 def parse_listen(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def node_endpoint(servers: list[asyncssh.SSHAcceptor]) -> str:
+    """This node as its successive runs share it: the host name and the addresses it listens on (two live nodes
+    cannot bind the same ones), so a restarted node recognises the session rows its previous run left."""
+    addresses = sorted(f"{a[0]}:{a[1]}" for server in servers for a in server.get_addresses())
+    return f"{socket.gethostname()[:100]} {' '.join(addresses)}"[:255]
 
 
 @dataclass
@@ -158,6 +167,12 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
     if not host_keys:
         raise FileNotFoundError("no host key found: see host_keys in the configuration")
     servers = []
+    # Behind a load balancer each connection starts with its PROXY header (SPEC 9); asyncssh's tunnel hook lets
+    # sftp.proxy read it first, so that every peername asyncssh reports is the client's.
+    extra: dict[str, object] = {}
+    if config.proxy_protocol:
+        extra["tunnel"] = ProxyProtocolListener(
+            lambda address, reason: runtime.guard.refuse_connection(address, "bad-proxy-header"))
     for address in config.listen:
         host, port = parse_listen(address)
         servers.append(
@@ -165,6 +180,7 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
                 lambda: LibrarySSHServer(runtime),
                 host,
                 port,
+                **extra,
                 server_host_keys=host_keys,
                 allow_scp=False,
                 agent_forwarding=False,
@@ -177,7 +193,9 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
     reload_event = asyncio.Event()
     keys_event = asyncio.Event()
     node_id = new_node_id()
+    await runtime.guard.start(node_id, node_endpoint(servers))
     tasks = [
+        asyncio.create_task(runtime.guard.run()),
         asyncio.create_task(_keep_node_alive(runtime, config, node_id, keys_event)),
         asyncio.create_task(_poll_catalogue(runtime)),
         asyncio.create_task(_watch_policies(runtime, config, reload_event)),

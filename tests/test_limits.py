@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 
 import asyncssh
 import pytest
+from sqlalchemy import select
 
+from cfl_sftp.service import node_endpoint, start
+from cfl_sftp.storage import limits_store
+from cfl_sftp.storage.db import Database
+from cfl_sftp.storage.models import BanRow, NodeRow, OpenSessionRow
+from tests.cluster import free_port
+from tests.deployments import DeploymentUnderTest
 from tests.sftp_support import CLIENT_TIMEOUT, SftpServer, start_sftp_server
 
 
@@ -41,12 +49,12 @@ async def test_sessions_past_the_per_user_limit_are_refused(tmp_path: Path) -> N
     server = await start_sftp_server(tmp_path, {"sessions_per_user": "1"})
     try:
         async with await connect_with(server, "northern-ops", str(server.key("northern-ops"))) as first:
+            sftp = await first.start_sftp_client()  # admitted: its session channel is open
             second = await connect_with(server, "northern-ops", str(server.key("northern-ops")))
             with pytest.raises((asyncssh.Error, OSError)):
                 await asyncio.wait_for(second.start_sftp_client(), CLIENT_TIMEOUT)
             second.close()
-            sftp = await first.start_sftp_client()  # the first session is untouched
-            assert "images" in await sftp.listdir("/")
+            assert "images" in await sftp.listdir("/")  # the first session is untouched
         refused = await server.wait_for_audit("session-refused")
         assert [(e["actor"], e["details"]["reason"]) for e in refused] == [("northern-ops", "sessions-per-user")]
     finally:
@@ -69,3 +77,125 @@ async def test_unauthenticated_connections_are_capped(tmp_path: Path) -> None:
         assert refused[0]["details"]["reason"] == "unauthenticated-connections"
     finally:
         await server.service.stop()
+
+
+# -- shared through the database (cfl_sftp.storage.limits_store, on a real SQLite file) -----------------------
+
+NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
+
+
+def _session(session_id: str, node: str, user: str = "northern-ops", endpoint: str = "host 127.0.0.1:2222"
+             ) -> OpenSessionRow:
+    return OpenSessionRow(session_id=session_id, node_id=node, endpoint=endpoint, user=user, peer="127.0.0.1:1",
+                          opened_at=NOW)
+
+
+def _beat(db: Database, node: str, seconds_ago: int, now: dt.datetime = NOW) -> None:
+    moment = now - dt.timedelta(seconds=seconds_ago)
+    with db.writing() as session:
+        session.add(NodeRow(node_id=node, kek_id="k", started_at=moment, last_seen=moment))
+
+
+def test_sessions_of_a_node_silent_for_60_s_no_longer_count(td: DeploymentUnderTest) -> None:
+    db = td.deployment.db
+    _beat(db, "alive", 10)
+    _beat(db, "dead", 61)
+    live_after = NOW - dt.timedelta(seconds=60)
+    for row in (_session("s1", "alive"), _session("s2", "dead")):
+        with db.writing() as session:
+            session.add(row)
+    with db.writing() as session:  # "alive"'s session counts, "dead"'s does not: the limit of 2 has room
+        assert limits_store.open_session(session, _session("s3", "me"), limit=2, live_after=live_after) == 2
+    with db.writing() as session:  # now it is full
+        assert limits_store.open_session(session, _session("s4", "me"), limit=2, live_after=live_after) is None
+    with db.writing() as session:
+        limits_store.sweep(session, "me", NOW, live_after=live_after, failures_before=NOW)
+    with db.reading() as session:
+        assert sorted(session.scalars(select(OpenSessionRow.session_id))) == ["s1", "s3"]
+
+
+def test_a_restarted_node_drops_the_sessions_its_previous_run_left(td: DeploymentUnderTest) -> None:
+    db = td.deployment.db
+    with db.writing() as session:
+        session.add_all([_session("old", "run-1"), _session("other", "node-b", endpoint="host 127.0.0.1:2223")])
+    with db.writing() as session:
+        assert limits_store.drop_previous_runs(session, "host 127.0.0.1:2222", "run-2") == 1
+    with db.reading() as session:
+        assert list(session.scalars(select(OpenSessionRow.session_id))) == ["other"]
+
+
+def test_failed_logins_from_any_node_add_up_to_one_ban(td: DeploymentUnderTest) -> None:
+    db = td.deployment.db
+    decided = []
+    for i, node in enumerate(["a", "b", "a"]):
+        with db.writing() as session:
+            decided.append(limits_store.record_failed_login(
+                session, "192.0.2.1", NOW + dt.timedelta(seconds=i), window_seconds=60, threshold=3,
+                ban_seconds=60, node_id=node))
+    assert decided == [None, None, 3]
+    with db.writing() as session:  # a failure that began before the ban decides nothing more
+        assert limits_store.record_failed_login(session, "192.0.2.1", NOW, window_seconds=60, threshold=1,
+                                                ban_seconds=60, node_id="b") is None
+    with db.reading() as session:
+        assert limits_store.active_bans(session, NOW + dt.timedelta(seconds=61)) == {
+            "192.0.2.1": NOW + dt.timedelta(seconds=62)}
+        assert limits_store.active_bans(session, NOW + dt.timedelta(seconds=62)) == {}
+
+
+# -- shared limits through a real server ------------------------------------------------------------------
+
+
+async def test_a_ban_written_by_another_node_is_refused_here(tmp_path: Path) -> None:
+    server = await start_sftp_server(tmp_path)
+    try:
+        now = dt.datetime.now(dt.UTC)
+        with server.td.deployment.db.writing() as session:  # as another node deciding a ban would
+            session.add(BanRow(address="127.0.0.1", until=now + dt.timedelta(seconds=60), banned_at=now,
+                               failed_logins=10, node_id="other-node"))
+        for _ in range(100):  # the ban cache is refreshed every 0.5 s
+            try:
+                async with await connect_with(server, "northern-ops", str(server.key("northern-ops"))):
+                    pass
+            except (OSError, asyncssh.Error):
+                break
+            await asyncio.sleep(0.1)
+        refused = await server.wait_for_audit("session-refused")
+        assert [(e["peer"], e["details"]["reason"]) for e in refused] == [("127.0.0.1", "address-banned")]
+        assert server.audit_events("address-banned") == []  # the deciding node audits the ban, not this one
+    finally:
+        await server.service.stop()
+
+
+async def test_sessions_on_a_dead_node_do_not_count_against_the_limit(tmp_path: Path) -> None:
+    server = await start_sftp_server(tmp_path, {"sessions_per_user": "1"})
+    try:
+        db = server.td.deployment.db
+        _beat(db, "dead-node", 61, dt.datetime.now(dt.UTC))
+        with db.writing() as session:
+            session.add(_session("left-behind", "dead-node"))
+        async with server.sftp("northern-ops") as sftp:
+            assert "images" in await sftp.listdir("/")
+        assert server.audit_events("session-refused") == []
+    finally:
+        await server.service.stop()
+
+
+async def test_a_restarted_node_drops_what_its_previous_run_left(tmp_path: Path) -> None:
+    port = free_port()
+    td_settings = {"listen": f'["127.0.0.1:{port}"]', "sessions_per_user": "1"}
+    server = await start_sftp_server(tmp_path, td_settings)
+    endpoint = node_endpoint(server.service.servers)
+    await server.service.stop()
+    db = Database(server.td.deployment.config.database_url)
+    try:
+        _beat(db, "previous-run", 0, dt.datetime.now(dt.UTC))  # not yet 60 s silent: only the endpoint tells
+        with db.writing() as session:
+            session.add(_session("stale", "previous-run", endpoint=endpoint))
+    finally:
+        db.dispose()
+    again = await start(server.td.deployment.config)
+    try:
+        with again.runtime.deployment.db.reading() as session:
+            assert list(session.scalars(select(OpenSessionRow.session_id))) == []
+    finally:
+        await again.stop()

@@ -1,49 +1,151 @@
 """Abuse limits on connections (SPEC 9 ``[limits]``): unauthenticated connections, bans, sessions per user.
 
-Kept per node for now: with several nodes each enforces its own share (the shared database version is #8's).
+Bans and session counts hold on every node (SPEC 9), through the database (:mod:`cfl_sftp.storage.limits_store`):
+
+* **Bans**: a failed login is recorded in the database (in a worker thread, after the connection has gone), so
+  failures through any node count towards one address's ban; the node whose failure reaches the threshold writes
+  the ban and audits it. Each node refuses banned addresses from a cache in memory, refreshed from the database
+  every :data:`BAN_REFRESH_SECONDS`, so a connection is refused before its SSH handshake with no database work,
+  and a ban decided on one node holds on every other within about a second.
+* **Sessions per user**: each authenticated connection is a row; a new one is admitted only while its user has
+  fewer than ``sessions_per_user`` rows on live nodes (a node silent for 60 s no longer counts, and its rows are
+  swept). Admission runs in a worker thread right after authentication; the session channel opens only once it
+  has answered, and a refused connection is closed.
+* **Unauthenticated connections** are a node's own resource (sockets, handshakes) and are capped per node.
+
 Each refusal is logged and audited (``session-refused``, ``address-banned``); refusals that a flood could
-repeat are audited at most once per address, reason and minute, so the trail cannot be flooded.
+repeat are audited at most once per address, reason and minute, so the trail cannot be flooded. If the database
+cannot be reached, a login is refused (nothing could be recorded) while banned addresses stay refused from the
+cache.
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
-from collections.abc import Callable
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
+from sqlalchemy.exc import IntegrityError
 
 from cfl_sftp.config import SessionLimits
+from cfl_sftp.storage import limits_store
 from cfl_sftp.storage.audit_store import AuditEvent
+from cfl_sftp.storage.db import Database
+from cfl_sftp.storage.models import OpenSessionRow
+from cfl_sftp.vault_admin import NODE_LIVE_SECONDS
 
 log = structlog.get_logger(__name__)
 
+BAN_REFRESH_SECONDS = 0.5
+"""How often a node reads the bans other nodes decided: a ban holds everywhere within about a second."""
+SWEEP_SECONDS = 15.0
+"""How often a node drops dead nodes' sessions, ended bans and old failures."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
 
 class AbuseGuard:
-    """Decisions about connections from one node's point of view; every method is O(1) on the event loop."""
+    """A node's decisions about connections. The methods the event loop calls directly work in memory; the
+    database work runs in tasks (worker threads)."""
 
     def __init__(
-        self, limits: Callable[[], SessionLimits], audit: Callable[[AuditEvent], None],
-        clock: Callable[[], float] = time.monotonic,
+        self, limits: Callable[[], SessionLimits], audit: Callable[[AuditEvent], None], db: Database,
+        clock: Callable[[], dt.datetime] = _now,
     ) -> None:
         self._limits = limits
         self._audit = audit
+        self._db = db
         self._clock = clock
+        self._node_id = ""
+        self._endpoint = ""
         self._unauthenticated = 0
-        self._failures: dict[str, deque[float]] = {}
-        self._banned_until: dict[str, float] = {}
+        self._banned_until: dict[str, dt.datetime] = {}
         self._last_refusal_audit: dict[tuple[str, str], int] = {}
+        self._admissions: dict[str, asyncio.Task[bool]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def unauthenticated(self) -> int:
         return self._unauthenticated
 
-    def _refuse(self, address: str, reason: str, actor: str = "", organisation: str = "") -> None:
-        log.warning("session_refused", peer=address, reason=reason, user=actor or None)
-        minute = int(self._clock() // 60)
+    # -- node life ------------------------------------------------------------------------------------
+
+    async def start(self, node_id: str, endpoint: str) -> None:
+        """This node's identity; drop what an earlier run of it (same ``endpoint``) left, and load the bans."""
+        self._node_id, self._endpoint = node_id, endpoint
+
+        def drop() -> int:
+            with self._db.writing() as session:
+                return limits_store.drop_previous_runs(session, endpoint, node_id)
+
+        dropped = await asyncio.to_thread(drop)
+        if dropped:
+            log.info("stale_sessions_dropped", sessions=dropped, endpoint=endpoint)
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Read the bans in force (every node's) into the cache."""
+
+        def load() -> dict[str, dt.datetime]:
+            with self._db.reading() as session:
+                return limits_store.active_bans(session, self._clock())
+
+        bans = await asyncio.to_thread(load)
+        now = self._clock()
+        # Keep bans this node decided that the database does not show yet (none, once committed).
+        local = {a: u for a, u in self._banned_until.items() if u > now and a not in bans}
+        self._banned_until = {**bans, **local}
+
+    async def _sweep(self) -> None:
+        now = self._clock()
+        limits = self._limits()
+
+        def sweep() -> None:
+            with self._db.writing() as session:
+                limits_store.sweep(
+                    session, self._node_id, now, live_after=now - dt.timedelta(seconds=NODE_LIVE_SECONDS),
+                    failures_before=now - dt.timedelta(seconds=limits.ban_seconds),
+                )
+
+        await asyncio.to_thread(sweep)
+
+    async def run(self) -> None:
+        """Refresh the ban cache every :data:`BAN_REFRESH_SECONDS`; sweep every :data:`SWEEP_SECONDS`."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time()
+        while True:
+            try:
+                await self.refresh()
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + SWEEP_SECONDS
+                    await self._sweep()
+            except Exception:
+                log.exception("limits_refresh_failed")
+            await asyncio.sleep(BAN_REFRESH_SECONDS)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- refusals -------------------------------------------------------------------------------------
+
+    def refuse_connection(
+        self, address: str, reason: str, actor: str = "", organisation: str = "", peer: str | None = None
+    ) -> None:
+        """Log and (at most once per address, reason and minute) audit a refused connection; ``peer`` (address
+        and port) names it when known."""
+        peer = peer or address
+        log.warning("session_refused", peer=peer, reason=reason, user=actor or None)
+        minute = int(self._clock().timestamp() // 60)
         if self._last_refusal_audit.get((address, reason)) != minute:
             self._last_refusal_audit[(address, reason)] = minute
-            self._audit(AuditEvent("session-refused", actor, organisation, address, {"reason": reason}))
+            self._audit(AuditEvent("session-refused", actor, organisation, peer, {"reason": reason}))
 
     def banned(self, address: str) -> bool:
         until = self._banned_until.get(address)
@@ -54,13 +156,15 @@ class AbuseGuard:
             return False
         return True
 
+    # -- connections ----------------------------------------------------------------------------------
+
     def admit_connection(self, address: str) -> bool:
         """A new TCP connection: refused while its address is banned or too many are unauthenticated."""
         if self.banned(address):
-            self._refuse(address, "address-banned")
+            self.refuse_connection(address, "address-banned")
             return False
         if self._unauthenticated >= self._limits().unauthenticated_connections:
-            self._refuse(address, "unauthenticated-connections")
+            self.refuse_connection(address, "unauthenticated-connections")
             return False
         self._unauthenticated += 1
         return True
@@ -71,25 +175,84 @@ class AbuseGuard:
     def ended_unauthenticated(self, address: str, *, failed_login: bool) -> None:
         self._unauthenticated = max(0, self._unauthenticated - 1)
         if failed_login:
-            self._login_failed(address)
+            self._spawn(self._login_failed(address))
 
-    def _login_failed(self, address: str) -> None:
+    async def _login_failed(self, address: str) -> None:
         limits = self._limits()
         now = self._clock()
-        window = self._failures.setdefault(address, deque())
-        window.append(now)
-        while window and window[0] < now - limits.ban_seconds:
-            window.popleft()
-        if len(window) >= limits.failed_logins_per_address:
-            self._banned_until[address] = now + limits.ban_seconds
-            del self._failures[address]
-            log.warning("address_banned", peer=address, seconds=limits.ban_seconds)
-            self._audit(AuditEvent("address-banned", "", "", address, {
-                "failed_logins": len(window), "ban_seconds": limits.ban_seconds}))
 
-    def admit_session(self, address: str, user: str, organisation: str, open_sessions: int) -> bool:
-        """An authenticated user's new connection: refused past ``sessions_per_user``."""
-        if open_sessions > self._limits().sessions_per_user:
-            self._refuse(address, "sessions-per-user", user, organisation)
+        def record() -> int | None:
+            try:
+                with self._db.writing() as session:
+                    return limits_store.record_failed_login(
+                        session, address, now, window_seconds=limits.ban_seconds,
+                        threshold=limits.failed_logins_per_address, ban_seconds=limits.ban_seconds,
+                        node_id=self._node_id,
+                    )
+            except IntegrityError:
+                return None  # another node wrote the ban at the same moment, and audits it
+
+        try:
+            failures = await asyncio.to_thread(record)
+        except Exception:
+            log.exception("failed_login_not_recorded", peer=address)
+            return
+        if failures is None:
+            return
+        self._banned_until[address] = now + dt.timedelta(seconds=limits.ban_seconds)
+        log.warning("address_banned", peer=address, seconds=limits.ban_seconds, failed_logins=failures)
+        self._audit(AuditEvent("address-banned", "", "", address, {
+            "failed_logins": failures, "ban_seconds": limits.ban_seconds}))
+
+    # -- sessions -------------------------------------------------------------------------------------
+
+    def admit_session(
+        self, address: str, user: str, organisation: str, session_id: str, peer: str
+    ) -> asyncio.Task[bool]:
+        """An authenticated connection: admitted (True) while its user has fewer than ``sessions_per_user``
+        sessions on every live node together, counting this one."""
+        task = asyncio.ensure_future(self._admit(address, user, organisation, session_id, peer))
+        self._admissions[session_id] = task
+        return task
+
+    async def _admit(self, address: str, user: str, organisation: str, session_id: str, peer: str) -> bool:
+        limit = self._limits().sessions_per_user
+        now = self._clock()
+        row = OpenSessionRow(session_id=session_id, node_id=self._node_id, endpoint=self._endpoint, user=user,
+                             peer=peer[:128], opened_at=now)
+
+        def admit() -> int | None:
+            with self._db.writing() as session:
+                return limits_store.open_session(
+                    session, row, limit=limit, live_after=now - dt.timedelta(seconds=NODE_LIVE_SECONDS))
+
+        try:
+            count = await asyncio.to_thread(admit)
+        except Exception:
+            log.exception("session_not_recorded", peer=address, user=user)
+            self.refuse_connection(address, "database-unavailable", user, organisation, peer)
+            return False
+        if count is None:
+            self.refuse_connection(address, "sessions-per-user", user, organisation, peer)
             return False
         return True
+
+    def session_ended(self, session_id: str) -> None:
+        """An authenticated connection is gone: its row goes (once its admission has answered)."""
+        admission = self._admissions.pop(session_id, None)
+        self._spawn(self._close_session(session_id, admission))
+
+    async def _close_session(self, session_id: str, admission: asyncio.Task[bool] | None) -> None:
+        if admission is not None:
+            with contextlib.suppress(Exception):
+                if not await admission:
+                    return
+
+        def close() -> None:
+            with self._db.writing() as session:
+                limits_store.close_session(session, session_id)
+
+        try:
+            await asyncio.to_thread(close)
+        except Exception:
+            log.exception("session_row_not_removed", session=session_id)  # swept when this node is gone

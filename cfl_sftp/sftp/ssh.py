@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import inspect
 import secrets
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 import asyncssh
@@ -151,6 +152,7 @@ class LibrarySSHServer(asyncssh.SSHServer):
         self._auth_attempted = False
         self._admitted = False
         self._auth = ConnectionAuth(lambda: runtime.snapshot)
+        self._admission: asyncio.Task[bool] | None = None
 
     @property
     def _address(self) -> str:
@@ -169,6 +171,7 @@ class LibrarySSHServer(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         self._runtime.credentials.discard(self._session_id)
         if self._user is not None:
+            self._runtime.guard.session_ended(self._session_id)
             self._runtime.session_closed(self._user, self._session_id, self._peer)
             return
         if self._admitted:
@@ -209,15 +212,35 @@ class LibrarySSHServer(asyncssh.SSHServer):
         self._runtime.guard.authenticated()
         self._runtime.session_opened(self._user, self._session_id, self._peer, self._conn)
         organisation = self._runtime.organisation_of(self._user) or ""
-        if not self._runtime.guard.admit_session(
-            self._address, self._user, organisation, self._runtime.open_sessions(self._user)
-        ):
-            self._conn.close()
+        # sessions_per_user counts every node's sessions (a database question, asked in a worker thread); the
+        # session channel waits for the answer (session_requested), and a refused connection is closed.
+        conn = self._conn
+        self._admission = self._runtime.guard.admit_session(
+            self._address, self._user, organisation, self._session_id, self._peer)
+        self._admission.add_done_callback(lambda task: None if _admitted(task) else conn.close())
 
-    def session_requested(self) -> LibrarySession | bool:
+    def session_requested(self) -> LibrarySession | bool | Coroutine[Any, Any, LibrarySession]:
         if self._user is None:
             return False
+        if self._admission is not None and not self._admission.done():
+            return self._session_once_admitted(self._admission)
+        if self._admission is not None and not _admitted(self._admission):
+            return False
+        return self._new_session() or False
+
+    async def _session_once_admitted(self, admission: asyncio.Task[bool]) -> LibrarySession:
+        session = self._new_session() if await asyncio.shield(admission) else None
+        if session is None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Session refused")
+        return session
+
+    def _new_session(self) -> LibrarySession | None:
+        assert self._user is not None
         info = self._runtime.session_info(self._user, self._session_id, self._peer)
         if info is None:
-            return False
+            return None
         return LibrarySession(self._runtime, info)
+
+
+def _admitted(task: asyncio.Task[bool]) -> bool:
+    return not task.cancelled() and task.exception() is None and task.result()

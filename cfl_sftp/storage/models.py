@@ -229,3 +229,45 @@ class NodeRow(Base):
     kek_id: Mapped[str] = mapped_column(String(64))
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class BanRow(Base):
+    """An address refused on every node until ``until`` (SPEC 9: a ban holds on every node).
+
+    One row per address; the node that decided the ban writes it and audits it, the others refresh their cache.
+    """
+
+    __tablename__ = "bans"
+
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    until: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    banned_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    failed_logins: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[str] = mapped_column(String(128))
+
+
+class FailedLoginRow(Base):
+    """One failed login, kept for ``ban_seconds``: failures through any node count towards one address's ban."""
+
+    __tablename__ = "failed_logins"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    address: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class OpenSessionRow(Base):
+    """An authenticated connection open on some node: ``sessions_per_user`` counts these across nodes.
+
+    ``endpoint`` (host name and bound addresses) is the same for a node's successive runs, so a restarted node
+    can drop the rows its previous run left; the rows of a node whose heartbeat is 60 s old are not counted.
+    """
+
+    __tablename__ = "open_sessions"
+
+    session_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(128), index=True)
+    endpoint: Mapped[str] = mapped_column(String(255), index=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    peer: Mapped[str] = mapped_column(String(128))
+    opened_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

@@ -1,0 +1,108 @@
+"""Bans, failed logins and open sessions shared by every node through the database (SPEC 9).
+
+Repository functions: each receives a session and never commits (the caller owns the transaction). Races between
+nodes are settled here, under a lock per address (failed logins) or per user (sessions): a PostgreSQL
+transaction-level advisory lock; SQLite's writing transactions are serialised already. So failures on two nodes
+at the same moment both count, a ban is decided (and audited) once, and two nodes admitting the same user at
+once cannot both slip under ``sessions_per_user``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zlib
+
+from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from cfl_sftp.storage.models import BanRow, FailedLoginRow, NodeRow, OpenSessionRow
+
+_SESSION_LOCK_SPACE = 0x6366_6C02  # arbitrary constants: "cfl" + 2 and + 3 (the migration lock is + 1)
+_BAN_LOCK_SPACE = 0x6366_6C03
+
+
+def active_bans(session: Session, now: dt.datetime) -> dict[str, dt.datetime]:
+    """Every address banned at ``now``, with the moment its ban ends."""
+    rows = session.execute(select(BanRow.address, BanRow.until).where(BanRow.until > now))
+    return {address: until for address, until in rows}
+
+
+def record_failed_login(
+    session: Session, address: str, now: dt.datetime, *, window_seconds: int, threshold: int, ban_seconds: int,
+    node_id: str,
+) -> int | None:
+    """Count one failed login from ``address``; when it makes ``threshold`` within the window, ban the address.
+
+    Returns the number of failures when this call decided the ban (the caller audits it), else None; a failure
+    from an address already banned (a login that began before the ban) decides nothing.
+    """
+    _lock(session, _BAN_LOCK_SPACE, address)
+    ban = session.get(BanRow, address)
+    if ban is not None and ban.until > now:
+        return None
+    session.add(FailedLoginRow(address=address, at=now))
+    session.flush()
+    cutoff = now - dt.timedelta(seconds=window_seconds)
+    count = session.scalar(
+        select(func.count()).select_from(FailedLoginRow)
+        .where(FailedLoginRow.address == address, FailedLoginRow.at > cutoff)
+    ) or 0
+    if count < threshold:
+        return None
+    until = now + dt.timedelta(seconds=ban_seconds)
+    if ban is None:
+        session.add(BanRow(address=address, until=until, banned_at=now, failed_logins=count, node_id=node_id))
+    else:
+        ban.until, ban.banned_at, ban.failed_logins, ban.node_id = until, now, count, node_id
+    session.execute(delete(FailedLoginRow).where(FailedLoginRow.address == address))
+    return count
+
+
+def _lock(session: Session, space: int, name: str) -> None:
+    """Serialise transactions about ``name`` until this one ends (PostgreSQL; SQLite's writers are serial)."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = zlib.crc32(name.encode())
+        session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": space, "key": key - (1 << 31)})
+
+
+def _live_node(node_id: str, live_after: dt.datetime) -> ColumnElement[bool]:
+    """Rows of this node, or of a node whose heartbeat is recent."""
+    live = select(NodeRow.node_id).where(NodeRow.last_seen >= live_after)
+    return or_(OpenSessionRow.node_id == node_id, OpenSessionRow.node_id.in_(live))
+
+
+def open_session(
+    session: Session, row: OpenSessionRow, *, limit: int, live_after: dt.datetime
+) -> int | None:
+    """Record ``row`` if its user has fewer than ``limit`` sessions on live nodes; return the count with it,
+    or None (nothing recorded) when the limit is reached."""
+    _lock(session, _SESSION_LOCK_SPACE, row.user)
+    count = session.scalar(
+        select(func.count()).select_from(OpenSessionRow)
+        .where(OpenSessionRow.user == row.user, _live_node(row.node_id, live_after))
+    ) or 0
+    if count >= limit:
+        return None
+    session.add(row)
+    return count + 1
+
+
+def close_session(session: Session, session_id: str) -> None:
+    session.execute(delete(OpenSessionRow).where(OpenSessionRow.session_id == session_id))
+
+
+def drop_previous_runs(session: Session, endpoint: str, node_id: str) -> int:
+    """A node starting again: the sessions its earlier runs (same endpoint, another node id) left are gone."""
+    result = session.execute(
+        delete(OpenSessionRow).where(OpenSessionRow.endpoint == endpoint, OpenSessionRow.node_id != node_id)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def sweep(session: Session, node_id: str, now: dt.datetime, *, live_after: dt.datetime,
+          failures_before: dt.datetime) -> None:
+    """Drop what no longer counts: sessions of dead nodes, ended bans, failures outside every window."""
+    session.execute(delete(OpenSessionRow).where(~_live_node(node_id, live_after)))
+    session.execute(delete(BanRow).where(BanRow.until <= now))
+    session.execute(delete(FailedLoginRow).where(FailedLoginRow.at <= failures_before))
