@@ -308,6 +308,10 @@ class PackageUpload:
             if note_path is not None:
                 note_path.unlink(missing_ok=True)
             raise
+        # An orphan sweep may have taken an older, unrecorded copy of these bytes just before our commit (see
+        # cfl_sftp.recovery): our temp file still holds them.
+        if not deployment.data.image_path(m.image.sha256).exists():
+            deployment.data.place_image(self._image_path, m.image.sha256)
 
     def _image_recorded(self, sha256: str) -> bool:
         try:

@@ -17,6 +17,7 @@ import asyncssh
 import structlog
 
 from cfl_sftp.audit_writer import AuditWriter
+from cfl_sftp.availability import DatabaseAvailability
 from cfl_sftp.catalogue import Catalogue, CatalogueImage, library_version, load_catalogue
 from cfl_sftp.config import SessionLimits
 from cfl_sftp.deployment import Deployment
@@ -90,7 +91,8 @@ class Runtime:
         self._processed: dict[tuple[str, str], ProcessedName] = {}
         self._connections: dict[str, dict[str, asyncssh.SSHServerConnection]] = {}
         self._tasks: set[asyncio.Future[object]] = set()
-        self.audit_writer = AuditWriter(deployment.db)
+        self.database = DatabaseAvailability()
+        self.audit_writer = AuditWriter(deployment.db, self.database)
         self._library_paths: frozenset[str] = frozenset()
         self.guard = AbuseGuard(lambda: self.deployment.config.limits, self.audit_soon)
         # The gateway asks the deployment for the policy in force: make that this runtime's snapshot.

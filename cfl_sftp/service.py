@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import asyncssh
 import structlog
 
+from cfl_sftp import recovery
 from cfl_sftp.audit_trail import AuditSigner, make_checkpoint
 from cfl_sftp.config import Config
 from cfl_sftp.deployment import Deployment, KeyFileError, load_keyring
@@ -27,7 +28,7 @@ from cfl_sftp.policy.reloader import PolicyReloader
 from cfl_sftp.runtime import Runtime
 from cfl_sftp.sftp.ssh import LibrarySSHServer
 from cfl_sftp.storage.audit_store import AuditEvent
-from cfl_sftp.vault_admin import NODE_HEARTBEAT_SECONDS, new_node_id, node_stopped, record_node_heartbeat
+from cfl_sftp.vault_admin import NODE_HEARTBEAT_SECONDS, node_stopped, record_node_heartbeat
 
 log = structlog.get_logger(__name__)
 
@@ -82,11 +83,13 @@ def load_policy_or_empty(config: Config) -> PolicySnapshot:
 
 
 async def _poll_catalogue(runtime: Runtime) -> None:
+    """Also the node's first sign of a database outage: a read every second."""
     while True:
         try:
             await asyncio.to_thread(runtime.refresh_catalogue_now)
-        except Exception:
-            log.exception("catalogue_refresh_failed")
+        except Exception as exc:
+            if not runtime.database.failed(exc, "catalogue"):
+                log.exception("catalogue_refresh_failed")
         await asyncio.sleep(CATALOGUE_POLL_SECONDS)
 
 
@@ -105,9 +108,21 @@ async def _sweep_staging(runtime: Runtime) -> None:
             expired = await asyncio.to_thread(runtime.staging.expire)
             if expired:
                 log.info("staging_expired", files=expired)
-        except Exception:
-            log.exception("staging_sweep_failed")
+        except Exception as exc:
+            if not runtime.database.failed(exc, "staging-expiry"):
+                log.exception("staging_sweep_failed")
         await asyncio.sleep(STAGING_SWEEP_SECONDS)
+
+
+async def _sweep_after_crashes(runtime: Runtime) -> None:
+    """Dead processes' scratch folders, orphan files, rows without files (:mod:`cfl_sftp.recovery`)."""
+    while True:
+        try:
+            await asyncio.to_thread(recovery.sweep, runtime.deployment)
+        except Exception as exc:
+            if not runtime.database.failed(exc, "recovery-sweep"):
+                log.exception("recovery_sweep_failed")
+        await asyncio.sleep(recovery.SWEEP_SECONDS)
 
 
 async def _checkpoint_now(deployment: Deployment, signer: AuditSigner | None = None) -> None:
@@ -138,8 +153,10 @@ async def _keep_node_alive(runtime: Runtime, config: Config, node_id: str, keys_
                 log.error("key_ring_refused", reason=str(exc))
         try:
             await asyncio.to_thread(record_node_heartbeat, deployment, node_id)
-        except Exception:
-            log.exception("node_heartbeat_failed")
+            runtime.database.succeeded()
+        except Exception as exc:
+            if not runtime.database.failed(exc, "heartbeat"):
+                log.exception("node_heartbeat_failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(keys_event.wait(), NODE_HEARTBEAT_SECONDS)
 
@@ -149,7 +166,9 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
     deployment = deployment or Deployment.open(config)
     signer = await asyncio.to_thread(AuditSigner.load, config)  # a bad audit key refuses to start
     await asyncio.to_thread(deployment.db.upgrade_if_empty)
-    await asyncio.to_thread(deployment.data.clear_tmp)
+    # Scratch folders are per process: only those of processes that died are cleared (cfl_sftp.recovery).
+    deployment.claim_scratch()
+    await asyncio.to_thread(recovery.sweep_dead_scratch, deployment)
     snapshot = await asyncio.to_thread(load_policy_or_empty, config)
     runtime = Runtime(deployment, snapshot)
     await asyncio.to_thread(runtime.refresh_catalogue_now)
@@ -176,12 +195,13 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
         )
     reload_event = asyncio.Event()
     keys_event = asyncio.Event()
-    node_id = new_node_id()
+    node_id = deployment.owner_id
     tasks = [
         asyncio.create_task(_keep_node_alive(runtime, config, node_id, keys_event)),
         asyncio.create_task(_poll_catalogue(runtime)),
         asyncio.create_task(_watch_policies(runtime, config, reload_event)),
         asyncio.create_task(_sweep_staging(runtime)),
+        asyncio.create_task(_sweep_after_crashes(runtime)),
         asyncio.create_task(_sign_checkpoints(runtime, signer)),
         asyncio.create_task(runtime.audit_writer.run()),
     ]
