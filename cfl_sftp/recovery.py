@@ -136,7 +136,8 @@ def sweep_orphans(deployment: Deployment, *, now: float | None = None) -> SweepR
     spooled = dict(deployment.spool.committed())
     with deployment.db.reading() as session:
         image_keys = set(session.execute(select(ImageRow.sha256)).scalars())
-        objects = dict(session.execute(select(VaultObjectRow.object_id, VaultObjectRow.kind)).tuples().all())
+        objects = {row.object_id: row.kind for row in session.execute(select(VaultObjectRow.object_id,
+                                                                               VaultObjectRow.kind))}
     orphan_images = _remove_orphans(deployment, images, image_keys, cutoff, "images")
     orphan_objects = _remove_orphans(deployment, notes, objects, cutoff, "objects") + _remove_orphans(
         deployment, spooled, objects, cutoff, "objects"

@@ -236,7 +236,12 @@ class Runtime:
         self.audit_writer.submit(event)
 
     async def audit(self, event: AuditEvent) -> int:
-        return await asyncio.to_thread(self._append_audit, event)
+        """Append now and wait for the ``seq``. A database outage seen here stops new logins at once."""
+        try:
+            return await asyncio.to_thread(self._append_audit, event)
+        except Exception as exc:
+            self.database.failed(exc, "audit")
+            raise
 
     def note_invisible_read(self, session: SessionInfo, path: str, action: str) -> None:
         """A read answered ``NO_SUCH_FILE``: if the path exists for someone else, audit ``access-denied``.

@@ -206,7 +206,8 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
         asyncio.create_task(runtime.audit_writer.run()),
     ]
     service = RunningService(runtime, servers, tasks, reload_event, keys_event, node_id)
-    log.info("service_started", listen=list(config.listen), ports=service.ports, policy_digest=snapshot.digest)
+    log.info("service_started", listen=list(config.listen), ports=service.ports, policy_digest=snapshot.digest,
+             node=node_id)
     return service
 
 
