@@ -92,15 +92,9 @@ class Deployment:
             policy=policy,
             scratch=ScratchClaim(new_owner_id(), data.tmp_root),
         )
-        deployment.claim_scratch()
+        for folder in (data, vault, spool):
+            folder.use_scratch(deployment.scratch)  # claimed at the first file written
         return deployment
-
-    def claim_scratch(self) -> None:
-        """Lock this process's scratch folders and write in them (again, after :meth:`close`)."""
-        if not self.scratch.held:
-            self.scratch.acquire()
-        for folder in (self.data, self.vault, self.spool):
-            folder.use_scratch(self.owner_id)
 
     def sweep_dead_scratch(self, grace_seconds: float) -> list[str]:
         """Remove what processes that died left in their scratch folders (see :mod:`cfl_sftp.storage.files`)."""

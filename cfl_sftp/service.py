@@ -167,7 +167,7 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
     signer = await asyncio.to_thread(AuditSigner.load, config)  # a bad audit key refuses to start
     await asyncio.to_thread(deployment.db.upgrade_if_empty)
     # Scratch folders are per process: only those of processes that died are cleared (cfl_sftp.recovery).
-    deployment.claim_scratch()
+    deployment.scratch.acquire()  # at once: a node holds its claim for as long as it runs
     await asyncio.to_thread(recovery.sweep_dead_scratch, deployment)
     snapshot = await asyncio.to_thread(load_policy_or_empty, config)
     runtime = Runtime(deployment, snapshot)

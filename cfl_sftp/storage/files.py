@@ -80,8 +80,10 @@ class ScratchClaim:
         return self._fd is not None
 
     def acquire(self) -> None:
-        """Create and lock the lock file. A sweeper may remove a lock file between our open and our lock (it
-        saw it free): then the locked inode is no longer the one on disk, and we start again."""
+        """Create and lock the lock file, unless held already (so cheap enough to call before each use).
+
+        A sweeper may remove a lock file between our open and our lock (it saw it free): then the locked inode
+        is no longer the one on disk, and we start again."""
         while self._fd is None:
             fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -103,7 +105,8 @@ class ScratchClaim:
 
 
 class DataFolder:
-    """Paths and atomic moves inside ``data_dir``. :meth:`use_scratch` says whose ``tmp/`` and ``trash/`` to use."""
+    """Paths and atomic moves inside ``data_dir``. :meth:`use_scratch` says whose ``tmp/`` and ``trash/`` to use;
+    the claim is taken at the first file written, so a process that only reads leaves no folder behind."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -112,33 +115,38 @@ class DataFolder:
         self.trash_root = root / "trash"
         self.tmp = self.tmp_root
         self.trash = self.trash_root
+        self._claim: ScratchClaim | None = None
 
     def prepare(self) -> None:
         for folder in (self.root, self.library, self.tmp_root, self.trash_root):
             folder.mkdir(parents=True, exist_ok=True, mode=0o750)
 
-    def use_scratch(self, owner: str) -> None:
-        """Write in ``tmp/<owner>`` and delete through ``trash/<owner>`` from now on (the caller holds the claim)."""
-        self.tmp = self.tmp_root / owner
-        self.trash = self.trash_root / owner
-        for folder in (self.tmp, self.trash):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+    def use_scratch(self, claim: ScratchClaim) -> None:
+        """Write in ``tmp/<owner>`` and delete through ``trash/<owner>`` from now on."""
+        self._claim = claim
+        self.tmp = self.tmp_root / claim.owner
+        self.trash = self.trash_root / claim.owner
+
+    def _scratch(self, folder: Path) -> Path:
+        if self._claim is not None:
+            self._claim.acquire()
+        folder.mkdir(exist_ok=True, mode=0o750)  # (again, if a sweep took it while this node was cut off)
+        return folder
 
     def discard(self, path: Path) -> None:
         """Remove ``path`` without waiting for the filesystem to free its blocks."""
-        target = self.trash / secrets.token_hex(16)
+        target = self._scratch(self.trash) / secrets.token_hex(16)
         try:
             os.replace(path, target)
         except FileNotFoundError:
             return
-        except OSError:  # another filesystem (vault_dir may be elsewhere), or our trash was swept: delete in place
+        except OSError:  # another filesystem (vault_dir may be elsewhere): delete in place
             _janitor.submit(path.unlink, missing_ok=True)
             return
         _janitor.submit(target.unlink, missing_ok=True)
 
     def new_tmp_path(self, suffix: str) -> Path:
-        self.tmp.mkdir(exist_ok=True, mode=0o750)  # recreated if a sweep took it while this node was cut off
-        return self.tmp / f"{secrets.token_hex(16)}.{suffix}"
+        return self._scratch(self.tmp) / f"{secrets.token_hex(16)}.{suffix}"
 
     def image_path(self, sha256: str) -> Path:
         return self.library / sha256[:2] / sha256

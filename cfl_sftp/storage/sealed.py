@@ -27,7 +27,7 @@ from cfl_sftp.domain.vault import (
     decrypt_range,
     plaintext_size,
 )
-from cfl_sftp.storage.files import fsync_dir
+from cfl_sftp.storage.files import ScratchClaim, fsync_dir
 from cfl_sftp.storage.models import VaultObjectRow
 
 log = structlog.get_logger(__name__)
@@ -117,17 +117,20 @@ class SealedFolder:
         self.root = root
         self.tmp_root = root / "tmp"
         self.tmp = self.tmp_root
+        self._claim: ScratchClaim | None = None
 
     def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.tmp_root.mkdir(exist_ok=True, mode=0o700)
 
-    def use_scratch(self, owner: str) -> None:
-        self.tmp = self.tmp_root / owner
-        self.tmp.mkdir(exist_ok=True, mode=0o700)
+    def use_scratch(self, claim: ScratchClaim) -> None:
+        self._claim = claim
+        self.tmp = self.tmp_root / claim.owner
 
     def writer(self, kind: str) -> SealedWriter:
-        self.tmp.mkdir(exist_ok=True, mode=0o700)  # recreated if a sweep took it while this node was cut off
+        if self._claim is not None:
+            self._claim.acquire()
+        self.tmp.mkdir(exist_ok=True, mode=0o700)  # (again, if a sweep took it while this node was cut off)
         return SealedWriter(self.tmp, kind)
 
     def committed(self) -> Iterator[tuple[str, Path]]:
