@@ -95,6 +95,8 @@ class AuditWriter:
         with self._db.writing() as session:
             if events:
                 audit_store.append_many(session, events)
+            else:
+                session.connection()  # a probe: an empty writing transaction (BEGIN IMMEDIATE on SQLite)
 
     async def flush(self, *, everything: bool = False) -> bool:
         """Write what is queued (and, with ``everything``, the refusals of the current minute too). During an

@@ -24,7 +24,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
+from cfl_sftp import audit_writer
+from cfl_sftp.audit_writer import AuditWriter
 from cfl_sftp.service import start
+from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.storage.db import Database
 from cfl_sftp.storage.models import AuditEntryRow
 from tests.databases import fresh_postgresql_database
@@ -196,10 +199,9 @@ async def test_postgresql_outage_fails_requests_refuses_logins_and_recovers(
 
 async def test_sqlite_locked_past_the_busy_timeout_fails_requests_and_recovers(tmp_path: Path) -> None:
     td = make_deployment(tmp_path, settings=TEST_SETTINGS)
-    td.deployment.db.dispose()
-    td.deployment.db = Database(td.deployment.config.database_url, sqlite_busy_seconds=0.5)
-    database_file = make_url(td.deployment.config.database_url).database
-    holder = sqlite3.connect(str(database_file), isolation_level=None, check_same_thread=False)
+    short_busy_timeout(td)
+    holder = sqlite3.connect(str(make_url(td.deployment.config.database_url).database), isolation_level=None,
+                             check_same_thread=False)
 
     def lock() -> None:
         holder.execute("BEGIN EXCLUSIVE")  # another process writing for longer than the node will wait
@@ -212,3 +214,68 @@ async def test_sqlite_locked_past_the_busy_timeout_fails_requests_and_recovers(t
             await assert_outage_then_recovery(server, lock, unlock)
     finally:
         holder.close()
+
+
+# -- the audit writer across an outage -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sqlite_locked(td: DeploymentUnderTest) -> Iterator[None]:
+    holder = sqlite3.connect(str(make_url(td.deployment.config.database_url).database), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def short_busy_timeout(td: DeploymentUnderTest) -> None:
+    td.deployment.db.dispose()
+    td.deployment.db = Database(td.deployment.config.database_url, sqlite_busy_seconds=0.2)
+
+
+async def test_entries_queued_during_an_outage_are_written_after_it_with_their_own_time(
+    td: DeploymentUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short_busy_timeout(td)
+    monkeypatch.setattr(audit_writer, "DELAYED_SECONDS", 0.0)  # any delay counts: the outage here is short
+    writer = AuditWriter(td.deployment.db)
+    with sqlite_locked(td):
+        writer.submit(AuditEvent("session-closed", "northern-ops", "northern-energy", "127.0.0.1:1", {"n": 1}))
+        assert await writer.flush() is False
+        assert not writer.availability.available
+        writer.submit(AuditEvent("session-closed", "northern-ops", "northern-energy", "127.0.0.1:1", {"n": 2}))
+        assert await writer.flush() is False
+    assert await writer.flush() is True
+    assert writer.availability.available
+
+    entries = audit_entries(td)
+    assert [(e["seq"], e["details"]["n"]) for e in entries] == [(1, 1), (2, 2)]
+    assert all(e["details"]["occurred_at"] < e["time"] for e in entries)
+
+
+async def test_the_queue_is_bounded_and_counts_what_it_drops(
+    td: DeploymentUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_writer, "MAX_QUEUED", 3)
+    writer = AuditWriter(td.deployment.db)
+    for n in range(5):
+        writer.submit(AuditEvent("session-closed", "northern-ops", "northern-energy", "127.0.0.1:1", {"n": n}))
+    assert (writer.queued, writer.dropped) == (3, 2)
+    assert await writer.flush()
+    assert [e["details"]["n"] for e in audit_entries(td)] == [0, 1, 2]
+
+
+async def test_an_empty_queue_probes_the_database_to_end_an_outage(td: DeploymentUnderTest) -> None:
+    short_busy_timeout(td)
+    writer = AuditWriter(td.deployment.db)
+    with sqlite_locked(td):
+        writer.submit(AuditEvent("session-closed", "northern-ops", "northern-energy", "127.0.0.1:1", {}))
+        assert await writer.flush() is False
+        writer._queue.clear()  # nothing left to write: the next flush must still find out
+        assert await writer.flush() is False
+        assert not writer.availability.available
+    assert await writer.flush() is True
+    assert writer.availability.available
+    assert audit_entries(td) == []
