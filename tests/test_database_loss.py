@@ -32,11 +32,14 @@ from cfl_sftp.storage.db import Database
 from cfl_sftp.storage.models import AuditEntryRow
 from tests.databases import fresh_postgresql_database
 from tests.deployments import DeploymentUnderTest, make_deployment
-from tests.factory import PackageSpec, image_of
-from tests.sftp_support import TEST_SETTINGS, SftpServer, read_all, sftp_status
+from tests.factory import PackageSpec, build, image_of
+from tests.sftp_support import TEST_SETTINGS, SftpServer, read_all, sftp_status, wait_visible, write_all
+from tests.test_crash_recovery import assert_files_match_rows
 
 WAIT_SECONDS = 20.0
 SPEC = PackageSpec(image_size=3 << 20)
+NEXT = PackageSpec(firmware_version="00000020")
+NEXT_IMAGE = "/images/ESME/1A2B/0001/0100/00000020/firmware.bin"
 FOLDER = "/images/ESME/1A2B/0001/0100/00000010"
 IMAGE = f"{FOLDER}/firmware.bin"
 
@@ -143,9 +146,12 @@ async def assert_outage_then_recovery(server: SftpServer, lose: Callable[[], Non
     """The behaviour SPEC 9 asks for, whatever the database: run with an open download across an outage."""
     runtime = server.service.runtime
     image = image_of(SPEC)
-    async with server.sftp("northern-ops") as sftp:
+    package = build(NEXT)
+    async with server.sftp("northern-ops") as sftp, server.sftp("acme-release") as uploader:
         download = await sftp.open(IMAGE, "rb")
         first = await download.read(1 << 20, 0)
+        upload = await uploader.open("/incoming/next.cfl", "wb")
+        await upload.write(package, 0)
         await asyncio.to_thread(lose)
 
         # A request that needs the database fails with FAILURE; the session stays open.
@@ -162,21 +168,27 @@ async def assert_outage_then_recovery(server: SftpServer, lose: Callable[[], Non
         rest = await download.read(len(image), len(first))
         await download.close()
         assert first + rest == image
+        # An upload closed now cannot get its verdict: it fails and leaves nothing (SPEC 4: atomic).
+        assert await sftp_status(upload.close()) == asyncssh.FX_FAILURE
         assert not [t for t in server.service.tasks if t.done()], "a background task of the node died"
 
         await asyncio.to_thread(regain)
         await wait_until(lambda: runtime.database.available, "the node sees the database again")
-        # The same session works again, and so do new logins: no restart.
+        # The same sessions work again, and so do new logins: no restart.
         assert (await sftp.stat(IMAGE)).size == len(image)
+        assert [u.file_name for u in await asyncio.to_thread(server.uploads)] == ["big.cfl"]
+        await write_all(uploader, "/incoming/next.cfl", package)
+        await wait_visible(sftp, NEXT_IMAGE)
     async with server.sftp("northern-ops") as again:
         assert await read_all(again, IMAGE) == image
 
-    closed = await server.wait_for_audit("session-closed", count=2)
-    assert len(closed) == 2
+    closed = await server.wait_for_audit("session-closed", count=3)
+    assert len(closed) == 3
     entries = await asyncio.to_thread(audit_entries, server.td)
     assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
     served = [e["details"] for e in entries if e["event"] == "image-downloaded" and "bytes_served" in e["details"]]
     assert len(image) in [d["bytes_served"] for d in served], "the download finished during the outage is audited"
+    await asyncio.to_thread(assert_files_match_rows, server.td.deployment)
 
 
 @pytest.fixture
