@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -206,6 +207,50 @@ async def test_kill_9_mid_upload_and_mid_download_leaves_nothing_and_the_name_is
 
 
 # -- the sweeps on what a crash between placing a file and committing its row leaves -------------------------
+
+
+KILLED_AT_COMMIT = """
+import os, signal, sys
+from pathlib import Path
+from cfl_sftp.config import load_config
+from cfl_sftp.deployment import Deployment
+from cfl_sftp.intake import PackageUpload, Uploader, feed_chunks
+
+deployment = Deployment.open(load_config(Path(sys.argv[1])))
+deployment.db.writing = lambda: os.kill(os.getpid(), signal.SIGKILL)  # the files are in place: die now
+upload = PackageUpload(deployment, Uploader("acme-release", "acme-meters", "127.0.0.1:1"), "cut.cfl")
+with open(sys.argv[2], "rb") as package:
+    feed_chunks(upload, [package.read()])
+"""
+
+
+def test_a_process_killed_between_placing_files_and_committing_leaves_orphans_the_sweep_removes(
+    td: DeploymentUnderTest, tmp_path: Path
+) -> None:
+    d = td.deployment
+    package = tmp_path / "cut.cfl"
+    package.write_bytes(build(CUT))
+    sha = hashlib.sha256(image_of(CUT)).hexdigest()
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_COMMIT, str(td.config_path), str(package)],
+                            capture_output=True, timeout=60, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert d.data.image_path(sha).exists()
+    assert recorded(d)[0] == set()
+    assert len(list(d.vault.committed())) == 1  # the sealed release note, with no row
+
+    at_once = recovery.sweep(d)
+    assert len(at_once.dead_owners) == 1  # the dead process's scratch goes at once ...
+    assert (at_once.orphan_images, at_once.orphan_objects) == ((), ())  # ... placed files after the grace period
+    leftovers = files_under(d.data.tmp_root, d.vault.tmp_root, d.spool.tmp_root)
+    assert [p.name for p in leftovers if p.suffix != ".lock"] == []
+
+    later = recovery.sweep(d, now=time.time() + recovery.ORPHAN_GRACE_SECONDS + 1)
+    assert later.orphan_images == (sha,)
+    assert len(later.orphan_objects) == 1
+    assert_files_match_rows(d)
+    seed(d, CUT)  # the same package is accepted afterwards
+    assert recorded(d)[0] == {sha}
+    assert_files_match_rows(d)
 
 
 def test_orphan_files_are_removed_only_after_the_grace_period(td: DeploymentUnderTest) -> None:
