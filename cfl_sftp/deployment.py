@@ -96,10 +96,13 @@ class Deployment:
             folder.use_scratch(deployment.scratch)  # claimed at the first file written
         return deployment
 
-    def sweep_dead_scratch(self, grace_seconds: float) -> list[str]:
+    def sweep_dead_scratch(
+        self, grace_seconds: float, before_removal: Callable[[str], None] | None = None
+    ) -> list[str]:
         """Remove what processes that died left in their scratch folders (see :mod:`cfl_sftp.storage.files`)."""
         roots = [self.data.tmp_root, self.data.trash_root, self.vault.tmp_root, self.spool.tmp_root]
-        return sweep_dead_scratch(self.data.tmp_root, roots, keep=self.owner_id, grace_seconds=grace_seconds)
+        return sweep_dead_scratch(self.data.tmp_root, roots, keep=self.owner_id, grace_seconds=grace_seconds,
+                                  before_removal=before_removal)
 
     def close(self) -> None:
         self.db.dispose()

@@ -6,7 +6,8 @@ scratch folder, link it to its final name, then commit the database rows that re
 other way: rows first, then files. So a crash can leave only:
 
 * files in a dead process's scratch folders (uploads in progress, sealed parts): :func:`sweep_dead_scratch`
-  removes the folders of every process whose lock is free (:mod:`cfl_sftp.storage.files`);
+  removes the folders of every process whose lock is free (:mod:`cfl_sftp.storage.files`), after auditing each
+  SFTP upload that was in progress there as a ``partial-upload``;
 * a placed file with no row (library image, vault or spool object): :func:`sweep_orphans` removes it once it is
   older than :data:`ORPHAN_GRACE_SECONDS` (by ``ctime``, which linking sets), so a file that another node has
   just placed and is about to commit is never touched. A candidate is first moved into this process's trash,
@@ -22,6 +23,7 @@ less to do. They block (disk, database): the service runs them in a worker threa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import time
@@ -33,6 +35,9 @@ import structlog
 from sqlalchemy import select
 
 from cfl_sftp.deployment import Deployment
+from cfl_sftp.intake import IN_PROGRESS_SUFFIX
+from cfl_sftp.storage import audit_store
+from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.storage.models import ImageRow, VaultObjectRow
 
 log = structlog.get_logger(__name__)
@@ -57,8 +62,28 @@ class SweepReport:
     missing_objects: tuple[str, ...] = ()
 
 
+def _audit_partial_uploads(deployment: Deployment, owner: str) -> None:
+    """A dead node's uploads in progress are partial uploads (SPEC 4): audit each before its files go."""
+    events = []
+    for announcement in sorted((deployment.data.tmp_root / owner).glob(f"*{IN_PROGRESS_SUFFIX}")):
+        try:
+            upload = json.loads(announcement.read_text())
+            events.append(AuditEvent("partial-upload", upload["user"], upload["organisation"], upload["peer"], {
+                "file_name": upload["file_name"], "session": upload["session"], "node": owner,
+                "reason": "node-died",
+            }))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # written when the host died: nothing to tell
+    if events:
+        with deployment.db.writing() as session:
+            audit_store.append_many(session, events)
+        log.info("partial_uploads_of_dead_node", node=owner, files=[e.details["file_name"] for e in events])
+
+
 def sweep_dead_scratch(deployment: Deployment) -> tuple[str, ...]:
-    swept = deployment.sweep_dead_scratch(ORPHAN_GRACE_SECONDS)
+    swept = deployment.sweep_dead_scratch(
+        ORPHAN_GRACE_SECONDS, lambda owner: _audit_partial_uploads(deployment, owner)
+    )
     if swept:
         log.info("dead_scratch_swept", owners=swept)
     return tuple(swept)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from sqlalchemy import select
 from cfl_sftp import recovery
 from cfl_sftp.deployment import Deployment
 from cfl_sftp.intake import PackageUpload, Uploader, feed_chunks
-from cfl_sftp.storage.models import ImageRow, StagingPartRow, UploadRow, VaultObjectRow
+from cfl_sftp.storage.models import AuditEntryRow, ImageRow, StagingPartRow, UploadRow, VaultObjectRow
 from tests.databases import fresh_postgresql_database
 from tests.deployments import DeploymentUnderTest, make_deployment
 from tests.factory import PackageSpec, build, image_of
@@ -137,6 +138,12 @@ def recorded(d: Deployment) -> tuple[set[str], set[str], int, list[str]]:
     return images, objects, parts, uploads
 
 
+def audit_details(d: Deployment, event: str) -> list[dict[str, object]]:
+    with d.db.reading() as db:
+        entries = db.execute(select(AuditEntryRow.entry).where(AuditEntryRow.event == event)).scalars()
+        return [json.loads(e)["details"] for e in entries]
+
+
 def assert_files_match_rows(d: Deployment) -> None:
     """Every library, vault and spool file has its row and every row its file."""
     images, objects, _, _ = recorded(d)
@@ -188,6 +195,10 @@ async def test_kill_9_mid_upload_and_mid_download_leaves_nothing_and_the_name_is
         a2 = await start_node(td, "node-a")
         nodes.append(a2)
         assert a.node_id not in scratch_owners(d)
+        partial = await asyncio.to_thread(audit_details, d, "partial-upload")
+        (cut,) = partial  # the dead node's upload in progress, audited by the node that swept it
+        assert re.fullmatch(r"[0-9a-f]{12}", str(cut.pop("session")))
+        assert cut == {"file_name": "cut.cfl", "node": a.node_id, "reason": "node-died"}
         assert scratch_owners(d) == {a2.node_id, b.node_id, d.owner_id}
         leftovers = files_under(d.data.tmp_root, d.data.trash_root, d.vault.tmp_root, d.spool.tmp_root)
         assert [p.name for p in leftovers if p.suffix != ".lock"] == []

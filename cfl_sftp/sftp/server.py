@@ -350,7 +350,8 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
                 if self._runtime.processed_name(self.user, name) is not None:
                     raise permission_denied()
                 raise no_such_file()
-            upload = await asyncio.to_thread(PackageUpload, self._runtime.deployment, self._uploader(), name)
+            upload = await asyncio.to_thread(PackageUpload, self._runtime.deployment, self._uploader(), name,
+                                             session=self._session.session_id)
             handle = PackageHandle(upload, name)
             self._runtime.begin_upload(self.user, name, handle)
             return handle

@@ -27,7 +27,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -182,10 +182,11 @@ class DataFolder:
 
 
 def sweep_dead_scratch(lock_dir: Path, scratch_roots: Iterable[Path], *, keep: str, grace_seconds: float,
-                       now: float | None = None) -> list[str]:
+                       now: float | None = None, before_removal: Callable[[str], None] | None = None) -> list[str]:
     """Remove the scratch folders of every owner but ``keep`` whose lock is free (the process is gone), and
     loose files older than ``grace_seconds`` (left by versions before per-owner scratch). Returns the owners
-    swept."""
+    swept. ``before_removal(owner)`` runs while the dead owner's lock is held; if it raises, that owner's
+    folders stay for the next sweep."""
     roots = list(scratch_roots)
     owners: set[str] = set()
     for root in roots:
@@ -201,6 +202,8 @@ def sweep_dead_scratch(lock_dir: Path, scratch_roots: Iterable[Path], *, keep: s
         if fd is None and lock_path.exists():
             continue  # its owner is alive
         try:
+            if before_removal is not None:
+                before_removal(owner)
             for root in roots:
                 shutil.rmtree(root / owner, ignore_errors=True)
             lock_path.unlink(missing_ok=True)
