@@ -19,6 +19,7 @@ import structlog
 
 from cfl_sftp import recovery
 from cfl_sftp.audit_trail import AuditSigner, make_checkpoint
+from cfl_sftp.availability import DatabaseAvailability
 from cfl_sftp.config import Config
 from cfl_sftp.deployment import Deployment, KeyFileError, load_keyring
 from cfl_sftp.domain.errors import PolicyError
@@ -125,17 +126,20 @@ async def _sweep_after_crashes(runtime: Runtime) -> None:
         await asyncio.sleep(recovery.SWEEP_SECONDS)
 
 
-async def _checkpoint_now(deployment: Deployment, signer: AuditSigner | None = None) -> None:
+async def _checkpoint_now(
+    deployment: Deployment, signer: AuditSigner | None = None, availability: DatabaseAvailability | None = None
+) -> None:
     try:
         await asyncio.to_thread(make_checkpoint, deployment, dt.datetime.now(dt.UTC), signer)
-    except Exception:
-        log.exception("checkpoint_failed")
+    except Exception as exc:
+        if availability is None or not availability.failed(exc, "checkpoint"):
+            log.exception("checkpoint_failed")
 
 
 async def _sign_checkpoints(runtime: Runtime, signer: AuditSigner) -> None:
     """Sign the tree whenever it has grown; cheap (one read of the head row) when it has not."""
     while True:
-        await _checkpoint_now(runtime.deployment, signer)
+        await _checkpoint_now(runtime.deployment, signer, runtime.database)
         await asyncio.sleep(CHECKPOINT_SECONDS)
 
 
