@@ -16,7 +16,7 @@ from cfl_sftp.config import Config
 from cfl_sftp.domain.vault import KeyRing
 from cfl_sftp.policy import PolicySnapshot, load_policy_set
 from cfl_sftp.storage.db import Database
-from cfl_sftp.storage.files import DataFolder
+from cfl_sftp.storage.files import DataFolder, ScratchClaim, new_owner_id, sweep_dead_scratch
 from cfl_sftp.storage.sealed import SealedFolder
 
 
@@ -60,6 +60,12 @@ class Deployment:
     spool: SealedFolder
     keyring: KeyRing
     policy: Callable[[], PolicySnapshot]
+    scratch: ScratchClaim
+
+    @property
+    def owner_id(self) -> str:
+        """This process's id for its scratch folders; a service node uses it as its node id too."""
+        return self.scratch.owner
 
     @classmethod
     def open(cls, config: Config, *, policy: Callable[[], PolicySnapshot] | None = None) -> Deployment:
@@ -76,7 +82,7 @@ class Deployment:
             def policy() -> PolicySnapshot:
                 return load_policy_set(policies_dir)
 
-        return cls(
+        deployment = cls(
             config=config,
             db=Database(config.database_url),
             data=data,
@@ -84,7 +90,20 @@ class Deployment:
             spool=spool,
             keyring=load_keyring(config.vault_key),
             policy=policy,
+            scratch=ScratchClaim(new_owner_id(), data.tmp_root),
         )
+        for folder in (data, vault, spool):
+            folder.use_scratch(deployment.scratch)  # claimed at the first file written
+        return deployment
+
+    def sweep_dead_scratch(
+        self, grace_seconds: float, before_removal: Callable[[str], None] | None = None
+    ) -> list[str]:
+        """Remove what processes that died left in their scratch folders (see :mod:`cfl_sftp.storage.files`)."""
+        roots = [self.data.tmp_root, self.data.trash_root, self.vault.tmp_root, self.spool.tmp_root]
+        return sweep_dead_scratch(self.data.tmp_root, roots, keep=self.owner_id, grace_seconds=grace_seconds,
+                                  before_removal=before_removal)
 
     def close(self) -> None:
         self.db.dispose()
+        self.scratch.release()

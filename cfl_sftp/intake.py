@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -82,10 +83,19 @@ class _FileSink:
             self._unsynced = 0
 
 
-class PackageUpload:
-    """A ``*.cfl`` being written. Feed it with :meth:`write`; end it with :meth:`complete` or :meth:`abort`."""
+IN_PROGRESS_SUFFIX = ".upload.json"
+"""Beside an SFTP upload's temp image: who is uploading what, so that if the node dies, whoever sweeps its scratch
+folder can audit the ``partial-upload`` (:mod:`cfl_sftp.recovery`)."""
 
-    def __init__(self, deployment: Deployment, uploader: Uploader, file_name: str) -> None:
+
+class PackageUpload:
+    """A ``*.cfl`` being written. Feed it with :meth:`write`; end it with :meth:`complete` or :meth:`abort`.
+
+    ``session`` is given for an upload over SFTP: the upload is then announced in the node's scratch folder
+    while it is in progress (:data:`IN_PROGRESS_SUFFIX`)."""
+
+    def __init__(self, deployment: Deployment, uploader: Uploader, file_name: str, *,
+                 session: str | None = None) -> None:
         self._deployment = deployment
         self.uploader = uploader
         self.file_name = file_name
@@ -95,6 +105,12 @@ class PackageUpload:
         self._spool: SealedWriter = deployment.spool.writer("upload")
         self._image_path = deployment.data.new_tmp_path("image")
         self._image_file = self._image_path.open("xb")
+        self._announcement = self._image_path.with_suffix(IN_PROGRESS_SUFFIX) if session is not None else None
+        if self._announcement is not None:
+            self._announcement.write_text(json.dumps({
+                "user": uploader.user, "organisation": uploader.organisation, "peer": uploader.peer,
+                "file_name": file_name, "session": session,
+            }))
         self._notes: SealedWriter = deployment.vault.writer("release-note")
         self._reader = PackageReader(
             PackageLimits(limits.max_package_bytes, limits.max_release_notes_bytes),
@@ -123,6 +139,8 @@ class PackageUpload:
         self._notes.discard()
         self._image_file.close()
         self._image_path.unlink(missing_ok=True)
+        if self._announcement is not None:
+            self._announcement.unlink(missing_ok=True)
 
     def complete(self) -> Receipt:
         """Run the gateway on what was written, commit the outcome and return the receipt (blocking)."""
@@ -150,6 +168,8 @@ class PackageUpload:
             # The verdict does not wait for the filesystem to free a large file's blocks.
             for leftover in (self._image_path, spooled.path, notes.path):
                 self._deployment.data.discard(leftover)
+            if self._announcement is not None:
+                self._announcement.unlink(missing_ok=True)
 
     # -- committing ------------------------------------------------------------------------------------
 
@@ -308,6 +328,10 @@ class PackageUpload:
             if note_path is not None:
                 note_path.unlink(missing_ok=True)
             raise
+        # An orphan sweep may have taken an older, unrecorded copy of these bytes just before our commit (see
+        # cfl_sftp.recovery): our temp file still holds them.
+        if not deployment.data.image_path(m.image.sha256).exists():
+            deployment.data.place_image(self._image_path, m.image.sha256)
 
     def _image_recorded(self, sha256: str) -> bool:
         try:

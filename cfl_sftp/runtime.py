@@ -18,6 +18,7 @@ import asyncssh
 import structlog
 
 from cfl_sftp.audit_writer import AuditWriter
+from cfl_sftp.availability import DatabaseAvailability
 from cfl_sftp.catalogue import Catalogue, CatalogueImage, library_version, load_catalogue
 from cfl_sftp.config import SessionLimits
 from cfl_sftp.deployment import Deployment
@@ -103,7 +104,8 @@ class Runtime:
         self._processed: dict[tuple[str, str], ProcessedName] = {}
         self._connections: dict[str, dict[str, asyncssh.SSHServerConnection]] = {}
         self._tasks: set[asyncio.Future[object]] = set()
-        self.audit_writer = AuditWriter(deployment.db)
+        self.database = DatabaseAvailability()
+        self.audit_writer = AuditWriter(deployment.db, self.database)
         self._library_paths: frozenset[str] = frozenset()
         self.guard = AbuseGuard(lambda: self.deployment.config.limits, self.audit_soon, deployment.db)
         # The gateway asks the deployment for the policy in force: make that this runtime's snapshot.
@@ -246,7 +248,12 @@ class Runtime:
         self.audit_writer.submit(event)
 
     async def audit(self, event: AuditEvent) -> int:
-        return await asyncio.to_thread(self._append_audit, event)
+        """Append now and wait for the ``seq``. A database outage seen here stops new logins at once."""
+        try:
+            return await asyncio.to_thread(self._append_audit, event)
+        except Exception as exc:
+            self.database.failed(exc, "audit")
+            raise
 
     def note_invisible_read(self, session: SessionInfo, path: str, action: str) -> None:
         """A read answered ``NO_SUCH_FILE``: if the path exists for someone else, audit ``access-denied``.

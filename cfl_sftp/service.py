@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import asyncssh
 import structlog
 
+from cfl_sftp import recovery
 from cfl_sftp.audit_trail import AuditSigner, make_checkpoint
+from cfl_sftp.availability import DatabaseAvailability
 from cfl_sftp.config import Config
 from cfl_sftp.deployment import Deployment, KeyFileError, load_keyring
 from cfl_sftp.domain.errors import PolicyError
@@ -29,7 +31,7 @@ from cfl_sftp.runtime import Runtime
 from cfl_sftp.sftp.proxy import ProxyProtocolListener
 from cfl_sftp.sftp.ssh import LibrarySSHServer
 from cfl_sftp.storage.audit_store import AuditEvent
-from cfl_sftp.vault_admin import NODE_HEARTBEAT_SECONDS, new_node_id, node_stopped, record_node_heartbeat
+from cfl_sftp.vault_admin import NODE_HEARTBEAT_SECONDS, node_stopped, record_node_heartbeat
 
 log = structlog.get_logger(__name__)
 
@@ -91,11 +93,13 @@ def load_policy_or_empty(config: Config) -> PolicySnapshot:
 
 
 async def _poll_catalogue(runtime: Runtime) -> None:
+    """Also the node's first sign of a database outage: a read every second."""
     while True:
         try:
             await asyncio.to_thread(runtime.refresh_catalogue_now)
-        except Exception:
-            log.exception("catalogue_refresh_failed")
+        except Exception as exc:
+            if not runtime.database.failed(exc, "catalogue"):
+                log.exception("catalogue_refresh_failed")
         await asyncio.sleep(CATALOGUE_POLL_SECONDS)
 
 
@@ -114,22 +118,37 @@ async def _sweep_staging(runtime: Runtime) -> None:
             expired = await asyncio.to_thread(runtime.staging.expire)
             if expired:
                 log.info("staging_expired", files=expired)
-        except Exception:
-            log.exception("staging_sweep_failed")
+        except Exception as exc:
+            if not runtime.database.failed(exc, "staging-expiry"):
+                log.exception("staging_sweep_failed")
         await asyncio.sleep(STAGING_SWEEP_SECONDS)
 
 
-async def _checkpoint_now(deployment: Deployment, signer: AuditSigner | None = None) -> None:
+async def _sweep_after_crashes(runtime: Runtime) -> None:
+    """Dead processes' scratch folders, orphan files, rows without files (:mod:`cfl_sftp.recovery`)."""
+    while True:
+        try:
+            await asyncio.to_thread(recovery.sweep, runtime.deployment)
+        except Exception as exc:
+            if not runtime.database.failed(exc, "recovery-sweep"):
+                log.exception("recovery_sweep_failed")
+        await asyncio.sleep(recovery.SWEEP_SECONDS)
+
+
+async def _checkpoint_now(
+    deployment: Deployment, signer: AuditSigner | None = None, availability: DatabaseAvailability | None = None
+) -> None:
     try:
         await asyncio.to_thread(make_checkpoint, deployment, dt.datetime.now(dt.UTC), signer)
-    except Exception:
-        log.exception("checkpoint_failed")
+    except Exception as exc:
+        if availability is None or not availability.failed(exc, "checkpoint"):
+            log.exception("checkpoint_failed")
 
 
 async def _sign_checkpoints(runtime: Runtime, signer: AuditSigner) -> None:
     """Sign the tree whenever it has grown; cheap (one read of the head row) when it has not."""
     while True:
-        await _checkpoint_now(runtime.deployment, signer)
+        await _checkpoint_now(runtime.deployment, signer, runtime.database)
         await asyncio.sleep(CHECKPOINT_SECONDS)
 
 
@@ -147,8 +166,10 @@ async def _keep_node_alive(runtime: Runtime, config: Config, node_id: str, keys_
                 log.error("key_ring_refused", reason=str(exc))
         try:
             await asyncio.to_thread(record_node_heartbeat, deployment, node_id)
-        except Exception:
-            log.exception("node_heartbeat_failed")
+            runtime.database.succeeded()
+        except Exception as exc:
+            if not runtime.database.failed(exc, "heartbeat"):
+                log.exception("node_heartbeat_failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(keys_event.wait(), NODE_HEARTBEAT_SECONDS)
 
@@ -158,7 +179,9 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
     deployment = deployment or Deployment.open(config)
     signer = await asyncio.to_thread(AuditSigner.load, config)  # a bad audit key refuses to start
     await asyncio.to_thread(deployment.db.upgrade_if_empty)
-    await asyncio.to_thread(deployment.data.clear_tmp)
+    # Scratch folders are per process: only those of processes that died are cleared (cfl_sftp.recovery).
+    deployment.scratch.acquire()  # at once: a node holds its claim for as long as it runs
+    await asyncio.to_thread(recovery.sweep_dead_scratch, deployment)
     snapshot = await asyncio.to_thread(load_policy_or_empty, config)
     runtime = Runtime(deployment, snapshot)
     await asyncio.to_thread(runtime.refresh_catalogue_now)
@@ -192,7 +215,7 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
         )
     reload_event = asyncio.Event()
     keys_event = asyncio.Event()
-    node_id = new_node_id()
+    node_id = deployment.owner_id
     await runtime.guard.start(node_id, node_endpoint(servers))
     tasks = [
         asyncio.create_task(runtime.guard.run()),
@@ -200,11 +223,13 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
         asyncio.create_task(_poll_catalogue(runtime)),
         asyncio.create_task(_watch_policies(runtime, config, reload_event)),
         asyncio.create_task(_sweep_staging(runtime)),
+        asyncio.create_task(_sweep_after_crashes(runtime)),
         asyncio.create_task(_sign_checkpoints(runtime, signer)),
         asyncio.create_task(runtime.audit_writer.run()),
     ]
     service = RunningService(runtime, servers, tasks, reload_event, keys_event, node_id)
-    log.info("service_started", listen=list(config.listen), ports=service.ports, policy_digest=snapshot.digest)
+    log.info("service_started", listen=list(config.listen), ports=service.ports, policy_digest=snapshot.digest,
+             node=node_id)
     return service
 
 

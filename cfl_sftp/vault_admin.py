@@ -35,7 +35,6 @@ import contextlib
 import datetime as dt
 import os
 import secrets
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,11 +111,6 @@ class FinishReport:
 
 
 # -- node heartbeats ------------------------------------------------------------------------------------
-
-
-def new_node_id() -> str:
-    """A node id unique without coordination: host name, process id and a random suffix."""
-    return f"{socket.gethostname()[:100]}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def record_node_heartbeat(deployment: Deployment, node_id: str, now: dt.datetime | None = None) -> None:

@@ -13,6 +13,7 @@ from typing import ParamSpec, TypeVar
 import asyncssh
 import structlog
 
+from cfl_sftp.availability import ServiceUnavailable, is_database_outage
 from cfl_sftp.domain.errors import CflError
 
 log = structlog.get_logger(__name__)
@@ -36,6 +37,9 @@ def translate(exc: BaseException) -> asyncssh.SFTPError:
         return exc
     if isinstance(exc, CflError):
         return asyncssh.SFTPFailure(exc.public_message)
+    if is_database_outage(exc):  # expected while the database is away: no traceback for each request
+        log.warning("sftp_request_failed", reason="database-unreachable", error=type(exc).__name__)
+        return asyncssh.SFTPFailure(ServiceUnavailable.public_message)
     log.error("sftp_request_failed", exc_info=exc)
     return asyncssh.SFTPFailure(GENERIC_FAILURE)
 

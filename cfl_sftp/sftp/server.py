@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import asyncssh
 import structlog
 
+from cfl_sftp.availability import ServiceUnavailable
 from cfl_sftp.domain.errors import Outcome
 from cfl_sftp.intake import PackageUpload, Uploader
 from cfl_sftp.sftp.errors import no_such_file, permission_denied, sftp_errors, translate
@@ -115,6 +116,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
         return self._runtime.limits.open_files_per_session
 
     async def _view(self) -> UserView:
+        self._runtime.database.require()  # SPEC 9: during an outage only open handles keep working
         view = await self._runtime.view_for(self.user)
         if view is None:  # removed, disabled or organisation gone: access ends at the next request
             self._runtime.close_sessions_of(self.user)
@@ -123,6 +125,8 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
 
     def _denied(self, action: str, path: bytes | str) -> asyncssh.SFTPError:
         """A refused write: audited as ``access-denied`` without making the answer wait (SPEC 8)."""
+        if not self._runtime.database.available:
+            return translate(ServiceUnavailable())  # nothing could be audited
         shown = path.decode("utf-8", "replace") if isinstance(path, bytes) else path
         s = self._session
         self._runtime.audit_soon(
@@ -350,7 +354,8 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
                 if self._runtime.processed_name(self.user, name) is not None:
                     raise permission_denied()
                 raise no_such_file()
-            upload = await asyncio.to_thread(PackageUpload, self._runtime.deployment, self._uploader(), name)
+            upload = await asyncio.to_thread(PackageUpload, self._runtime.deployment, self._uploader(), name,
+                                             session=self._session.session_id)
             handle = PackageHandle(upload, name)
             self._runtime.begin_upload(self.user, name, handle)
             return handle

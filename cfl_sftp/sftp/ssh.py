@@ -181,6 +181,9 @@ class LibrarySSHServer(asyncssh.SSHServer):
             self._runtime.audit_writer.login_refused(self._address)
 
     def begin_auth(self, username: str) -> bool:
+        if not self._runtime.database.available:  # SPEC 9: nothing could be audited; not a failed login
+            log.warning("session_refused", peer=self._address, reason="database-unreachable")
+            raise asyncssh.ServiceNotAvailable("The service is temporarily unavailable; try again shortly.")
         return True  # always ask, so that valid and invalid user names look the same
 
     def password_auth_supported(self) -> bool:

@@ -31,8 +31,22 @@ class SchemaError(Exception):
     """The database schema is older (or newer) than this version of cfl-sftp expects."""
 
 
-def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+SQLITE_BUSY_SECONDS = 30.0
+"""How long a SQLite transaction waits for another process's lock before it fails (and the node counts the
+database as unreachable until a write succeeds again)."""
+
+POSTGRESQL_CONNECT_ARGS = {
+    "connect_timeout": 5,  # an unreachable server fails a request in seconds, not at the TCP timeout
+    # A connection whose server vanished without a FIN (a network cut) is noticed in about 20 s.
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 2,
+}
+
+
+def _sqlite_engine(url: str, *, immediate: bool, busy_seconds: float) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_seconds})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -41,7 +55,7 @@ def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_seconds * 1000)}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -54,17 +68,23 @@ def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
 class Database:
     """The engines and session factories for one database URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, sqlite_busy_seconds: float = SQLITE_BUSY_SECONDS) -> None:
+        """PostgreSQL connections are checked before use (``pool_pre_ping``) and replaced hourly, so that after
+        an outage the pool refills by itself with fresh connections instead of failing on dead ones."""
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         if self.is_sqlite:
             if parsed.database:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self._read_engine = _sqlite_engine(url, immediate=False)
-            self._write_engine = _sqlite_engine(url, immediate=True)
+            self._read_engine = _sqlite_engine(url, immediate=False, busy_seconds=sqlite_busy_seconds)
+            self._write_engine = _sqlite_engine(url, immediate=True, busy_seconds=sqlite_busy_seconds)
         else:
-            self._read_engine = self._write_engine = create_engine(url, pool_pre_ping=True, pool_size=10)
+            connect_args = POSTGRESQL_CONNECT_ARGS if parsed.get_driver_name() == "psycopg" else {}
+            self._read_engine = self._write_engine = create_engine(
+                url, pool_pre_ping=True, pool_size=10, pool_recycle=3600,
+                connect_args=connect_args,
+            )
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
         self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
 

@@ -27,7 +27,7 @@ from cfl_sftp.domain.vault import (
     decrypt_range,
     plaintext_size,
 )
-from cfl_sftp.storage.files import fsync_dir
+from cfl_sftp.storage.files import ScratchClaim, fsync_dir
 from cfl_sftp.storage.models import VaultObjectRow
 
 log = structlog.get_logger(__name__)
@@ -110,18 +110,35 @@ class SealedWriter:
 
 
 class SealedFolder:
-    """A folder of sealed files: ``tmp/`` while being written, ``<id[:2]>/<id>.sealed`` once committed."""
+    """A folder of sealed files: ``tmp/<owner>/`` while being written (each process in its own, see
+    :mod:`cfl_sftp.storage.files`), ``<id[:2]>/<id>.sealed`` once committed."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.tmp = root / "tmp"
+        self.tmp_root = root / "tmp"
+        self.tmp = self.tmp_root
+        self._claim: ScratchClaim | None = None
 
     def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.tmp.mkdir(exist_ok=True, mode=0o700)
+        self.tmp_root.mkdir(exist_ok=True, mode=0o700)
+
+    def use_scratch(self, claim: ScratchClaim) -> None:
+        self._claim = claim
+        self.tmp = self.tmp_root / claim.owner
 
     def writer(self, kind: str) -> SealedWriter:
+        if self._claim is not None:
+            self._claim.acquire()
+        self.tmp.mkdir(exist_ok=True, mode=0o700)  # (again, if a sweep took it while this node was cut off)
         return SealedWriter(self.tmp, kind)
+
+    def committed(self) -> Iterator[tuple[str, Path]]:
+        """``(object_id, path)`` of every committed object in the folder."""
+        for shard in self.root.iterdir():
+            if shard.is_dir() and len(shard.name) == 2:
+                for path in shard.glob("*.sealed"):
+                    yield path.name.removesuffix(".sealed"), path
 
     def path_of(self, object_id: str) -> Path:
         return self.root / object_id[:2] / f"{object_id}.sealed"
