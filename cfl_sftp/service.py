@@ -211,6 +211,8 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
                 allow_pty=False,
                 keepalive_interval=60,
                 login_timeout=60,
+                # No GSS-API (asyncssh would otherwise also look up this host's FQDN again at every login).
+                gss_host=None,
             )
         )
     reload_event = asyncio.Event()

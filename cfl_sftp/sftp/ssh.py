@@ -2,12 +2,13 @@
 as the only thing a session may do.
 
 No passwords, keyboard-interactive, shell, exec (so no legacy SCP protocol), port or agent forwarding. The SFTP
-subsystem runs our own handler subclass, which differs from asyncssh's in five documented ways: it accepts a
+subsystem runs our own handler subclass, which differs from asyncssh's in six documented ways: it accepts a
 WRITE that carries bytes after its declared data (rclone 1.60 sends such packets; OpenSSH's server ignores the
 extra bytes, and so do we); it tells our server when a session ends with handles still open, so that a
 package in progress is discarded instead of sent to the gateway; its ``limits@openssh.com`` reply names the
 open-file limit the server enforces instead of the host's; it answers OPENDIR through our server's async
-``opendir`` (a user's view may be being built in a worker thread); and it sends an exit status when the session
+``opendir`` (a user's view may be being built in a worker thread); it answers a READ only once earlier replies
+have drained (memory per session stays bounded); and it sends an exit status when the session
 ends, as OpenSSH's sftp-server does by exiting (``scp`` fails a finished transfer without one).
 """
 
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 SFTP_VERSION = 3
-FXP_WRITE = 6  # SSH_FXP_WRITE (draft-ietf-secsh-filexfer-02)
+FXP_READ = 5  # SSH_FXP_READ (draft-ietf-secsh-filexfer-02)
+FXP_WRITE = 6  # SSH_FXP_WRITE
 FXP_OPENDIR = 11  # SSH_FXP_OPENDIR
 
 
@@ -71,6 +73,19 @@ class LibrarySFTPHandler(SFTPServerHandler):
         handles = server.open_files_limit if isinstance(server, LibrarySFTPServer) else 0
         return SFTPLimits(MAX_SFTP_PACKET_LEN, MAX_SFTP_READ_LEN, MAX_SFTP_WRITE_LEN, handles)
 
+    async def _process_read(self, packet: SSHPacket) -> tuple[bytes, bool]:
+        """READ, once what the session already answered has left for the network.
+
+        asyncssh answers each READ into the channel's send buffer without waiting for it to drain, so a client
+        with many reads in flight and a small window (200 batch jobs at once) has the whole file buffered here,
+        several MiB per session. Waiting for the buffer to fall below its low-water mark first bounds that to
+        about one reply per session; the client's window, not our memory, keeps the pipe full.
+        """
+        writer = self._writer
+        if writer is not None:
+            await writer.drain()
+        return await super()._process_read(packet)
+
     async def _process_opendir(self, packet: SSHPacket) -> bytes:
         """OPENDIR through our server's async ``opendir``: deciding whether a folder exists may have to wait for
         the user's view to be built off the loop, which asyncssh's synchronous ``scandir`` hook cannot."""
@@ -85,6 +100,7 @@ class LibrarySFTPHandler(SFTPServerHandler):
 
     _packet_handlers = {  # noqa: RUF012 - asyncssh looks the table up on the class
         **SFTPServerHandler._packet_handlers,
+        FXP_READ: cast(Any, _process_read),
         FXP_OPENDIR: cast(Any, _process_opendir),
         FXP_WRITE: cast(Any, _process_lenient_write),
         b"limits@openssh.com": cast(Any, _process_limits),
