@@ -238,24 +238,24 @@ def tree_rss_bytes(root: int) -> int:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far (0 when it is gone)."""
+def _stat_seconds(pid: int, fields: slice) -> float:
+    """The sum of some clock-tick fields of /proc/<pid>/stat, in seconds (0 when the process is gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime: fields 14 and 15 of stat(5)
+    # the command name is in parentheses and may hold spaces: count the fields after the last ')'
+    return sum(int(f) for f in stat.rsplit(")", 1)[1].split()[fields]) / _TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (0 when it is gone)."""
+    return _stat_seconds(pid, slice(11, 13))  # utime, stime: fields 14 and 15 of stat(5)
 
 
 def reaped_cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process and of all the children it has waited for (0 when it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / _TICKS  # utime, stime, cutime, cstime: fields 14 to 17
+    return _stat_seconds(pid, slice(11, 15))  # utime, stime, cutime, cstime: fields 14 to 17
 
 
 def tree_cpu_seconds(root: int) -> float:

@@ -373,13 +373,38 @@ def client_share(results: list[dict[str, Any]]) -> float:
     return max(r["cpu"] / max(r["end"] - r["start"], 1e-9) for r in results)
 
 
-def many_sessions(target: Target, args: argparse.Namespace, workdir: Path, run: Run) -> None:
+@dataclass
+class ClientsOutcome:
+    """What the client processes of one concurrent workload saw, and what the server spent meanwhile."""
+
+    results: list[dict[str, Any]]
+    watch: Watch
+
+    @property
+    def sessions(self) -> list[list[float]]:
+        return [s for r in self.results for s in r["sessions"]]
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for r in self.results for e in r["errors"]]
+
+    def print_errors(self) -> None:
+        for error in sorted(set(self.errors))[:3]:
+            print(f"      e.g. {error}")
+
+
+def measure_clients(target: Target, mode: str, args: argparse.Namespace, workdir: Path, *, count: int,
+                    path: str) -> ClientsOutcome:
     settle()
     with Watch(target, 0.1) as watch:
-        results = run_clients(target, "download", args, workdir, count=args.sessions, path=target.small_path)
+        results = run_clients(target, mode, args, workdir, count=count, path=path)
     watch.finish(target)
-    sessions = [s for r in results for s in r["sessions"]]
-    errors = [e for r in results for e in r["errors"]]
+    return ClientsOutcome(results, watch)
+
+
+def many_sessions(target: Target, args: argparse.Namespace, workdir: Path, run: Run) -> None:
+    outcome = measure_clients(target, "download", args, workdir, count=args.sessions, path=target.small_path)
+    sessions, errors, watch = outcome.sessions, outcome.errors, outcome.watch
     moved = sum(s[2] for s in sessions)
     span = (max(s[1] for s in sessions) - min(s[0] for s in sessions)) if sessions else float("nan")
     run["many_mbps"] = moved / span / MB if sessions else 0.0
@@ -387,21 +412,16 @@ def many_sessions(target: Target, args: argparse.Namespace, workdir: Path, run: 
     run["many_p95_s"] = percentile([s[1] - s[0] for s in sessions], 0.95)
     run["many_peak_rss_mib"] = watch.peak_mib
     run["many_cpu_per_gb"] = watch.cpu / (moved / GB) if moved else float("nan")
-    run["many_client_share"] = client_share(results)
+    run["many_client_share"] = client_share(outcome.results)
     print(f"    {target.label:<9} {args.sessions} sessions {run['many_mbps']:7.1f} MB/s   failures {len(errors)}   "
           f"p95 {run['many_p95_s']:.2f} s   peak RSS {watch.peak_mib:7.1f} MiB   server CPU "
           f"{run['many_cpu_per_gb']:.2f} s/GB   client busy {run['many_client_share']:.0%}", flush=True)
-    for error in sorted(set(errors))[:3]:
-        print(f"      e.g. {error}")
+    outcome.print_errors()
 
 
 def session_rate(target: Target, args: argparse.Namespace, workdir: Path, run: Run) -> None:
-    settle()
-    with Watch(target, 0.1) as watch:
-        results = run_clients(target, "listing", args, workdir, count=args.parallel, path=target.list_path)
-    watch.finish(target)
-    sessions = [s for r in results for s in r["sessions"]]
-    errors = [e for r in results for e in r["errors"]]
+    outcome = measure_clients(target, "listing", args, workdir, count=args.parallel, path=target.list_path)
+    sessions, errors, watch, results = outcome.sessions, outcome.errors, outcome.watch, outcome.results
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     run["rate_sps"] = len(sessions) / span
     run["rate_failures"] = len(errors)
@@ -413,8 +433,7 @@ def session_rate(target: Target, args: argparse.Namespace, workdir: Path, run: R
           f"failures {len(errors)}   "
           f"server CPU {run['rate_cpu_ms_per_session']:.2f} ms/session   peak RSS {watch.peak_mib:7.1f} MiB   "
           f"client busy {run['rate_client_share']:.0%}", flush=True)
-    for error in sorted(set(errors))[:3]:
-        print(f"      e.g. {error}")
+    outcome.print_errors()
 
 
 # -- runs -----------------------------------------------------------------------------------------------------
