@@ -25,18 +25,19 @@ Workloads, the same for all three (server order rotated from run to run; MB = 10
 4. **sessions/s**: 20 parallel clients in a separate process, each in a loop: connect, authenticate, list the
    folder that holds the 4 MiB file, close; sessions completed / time, over ``--rate-seconds``.
 
-The asyncssh clients use ``aes128-gcm@openssh.com`` and ``curve25519-sha256`` against every server. During each
-workload the server's whole process tree is watched: peak RSS (summed over the tree, sampled from /proc) and CPU
-time (utime + stime of the live tree, plus what the processes that ended left in their parents' cutime/cstime,
-so sshd's short-lived per-connection processes are counted too), given as CPU s per GB moved (per session for
-sessions/s). Printed: a table of medians with cfl-sftp and asyncssh as ratios to OpenSSH and the issue's
-targets; written to ``--out``: ``compare.png`` (the ratios as a chart) and ``compare.json`` (every figure of
-every run). ``--profile`` then records cfl-sftp under py-spy during each workload and prints where its time goes.
+The asyncssh clients use ``aes128-gcm@openssh.com``, ``curve25519-sha256`` and ``ssh-ed25519`` host keys against
+every server. During each workload the server's whole process tree is watched: peak RSS (summed over the tree,
+sampled from /proc) and CPU time (utime + stime of the live tree, plus what the processes that ended left in
+their parents' cutime/cstime, so sshd's short-lived per-connection processes are counted too), given as CPU s
+per GB moved (per session for sessions/s). Printed: a table of medians with cfl-sftp and asyncssh as ratios to
+OpenSSH and the issue's targets; written to ``--out``: ``compare.png`` (the ratios as a chart) and
+``compare.json`` (every figure of every run). ``--profile`` then records cfl-sftp under py-spy during each
+workload and prints where its time goes. ``--workloads`` picks a subset of ``single,sessions,rate``.
 
 Run as root from the repository root::
 
     .venv/bin/python -m benchmarks.compare                                   # 3 runs of 1 GiB, ~15 minutes
-    .venv/bin/python -m benchmarks.compare --runs 1 --size 128MiB --rate-seconds 3 --out /tmp/cmp   # ~2 min
+    .venv/bin/python -m benchmarks.compare --runs 1 --size 64MiB --sessions 50 --rate-seconds 3 --out /tmp/cmp
     .venv/bin/python -m benchmarks.compare --runs 1 --profile /tmp/cmp/profile
 """
 
@@ -96,12 +97,16 @@ from benchmarks.sftp_vs_openssh import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KEX = "curve25519-sha256"
+# asyncssh's client prefers RSA host keys; cfl-sftp has an RSA-3072 key beside its Ed25519 one, the others only
+# Ed25519. Pinned, every server signs the key exchange with Ed25519, as the OpenSSH client would choose.
+HOST_KEY_ALG = "ssh-ed25519"
 SSHD_EXTRA = "MaxStartups 1000\nMaxSessions 1000\n"
 CFL_LIMITS = {"sessions_per_user": "1000", "unauthenticated_connections": "1000"}
 SMALL_NAME = "small.bin"
 CLIENT_TIMEOUT = 300.0
 LABELS = ("OpenSSH", "asyncssh", "cfl-sftp")
 REFERENCE = "OpenSSH"
+WORKLOADS = ("single", "sessions", "rate")
 
 
 # -- the concurrent clients (a separate process: ``python -m benchmarks.compare _client ...``) ---------------
@@ -112,7 +117,7 @@ async def _connect(args: argparse.Namespace) -> Any:
 
     return await asyncssh.connect(
         "127.0.0.1", args.port, username=args.user, client_keys=[args.key], known_hosts=None, agent_path=None,
-        config=None, encryption_algs=[CIPHER], kex_algs=[KEX],
+        config=None, encryption_algs=[CIPHER], kex_algs=[KEX], server_host_key_algs=[HOST_KEY_ALG],
     )
 
 
@@ -379,6 +384,7 @@ class ClientsOutcome:
 
     results: list[dict[str, Any]]
     watch: Watch
+    log_path: Path
 
     @property
     def sessions(self) -> list[list[float]]:
@@ -389,8 +395,12 @@ class ClientsOutcome:
         return [e for r in self.results for e in r["errors"]]
 
     def print_errors(self) -> None:
+        """A few of the client's errors and the end of the server's log, which usually says why."""
         for error in sorted(set(self.errors))[:3]:
             print(f"      e.g. {error}")
+        if self.errors and self.log_path.exists():
+            for line in self.log_path.read_text(errors="replace").splitlines()[-3:]:
+                print(f"      server log: {line[:200]}")
 
 
 def measure_clients(target: Target, mode: str, args: argparse.Namespace, workdir: Path, *, count: int,
@@ -399,7 +409,7 @@ def measure_clients(target: Target, mode: str, args: argparse.Namespace, workdir
     with Watch(target, 0.1) as watch:
         results = run_clients(target, mode, args, workdir, count=count, path=path)
     watch.finish(target)
-    return ClientsOutcome(results, watch)
+    return ClientsOutcome(results, watch, target.server.log_path)
 
 
 def many_sessions(target: Target, args: argparse.Namespace, workdir: Path, run: Run) -> None:
@@ -461,18 +471,18 @@ def one_run(index: int, args: argparse.Namespace, workdir: Path, client: Client,
     targets = targets[shift:] + targets[:shift]
     print(f"run {index + 1}/{args.runs} ({load_note()}): order {', '.join(t.label for t in targets)}", flush=True)
     figures: dict[str, Run] = {t.label: {"load_before": os.getloadavg()[0]} for t in targets}
-    package = build_package_file(folder / "bench.cfl", args.size, versions())
+    package = build_package_file(folder / "bench.cfl", args.size, versions()) if "single" in args.workloads else None
     try:
-        for target in targets:
+        for target in targets if package else []:
             single_stream(client, target, package, figures[target.label])
             target.remove_uploads()
-        package.path.unlink()
-        for target in targets:
+        for target in targets if "sessions" in args.workloads else []:
             many_sessions(target, args, folder, figures[target.label])
-        for target in targets:
+        for target in targets if "rate" in args.workloads else []:
             session_rate(target, args, folder, figures[target.label])
     finally:
-        package.path.unlink(missing_ok=True)
+        if package:
+            package.path.unlink(missing_ok=True)
         for target in targets:
             target.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -505,6 +515,8 @@ def profile_cfl(args: argparse.Namespace, workdir: Path, client: Client, version
     ]
     try:
         for name, workload in workloads:
+            if {"upload": "single", "download": "single"}.get(name, name) not in args.workloads:
+                continue
             settle()
             raw = out / f"{name}.raw.txt"
             with PySpyRecording(server.process.pid, raw, rate) as recording:
@@ -537,13 +549,17 @@ class Metric:
     digits: int = 1
 
     @property
+    def workload(self) -> str:
+        return {"download": "single", "upload": "single", "many": "sessions", "rate": "rate"}[self.key.split("_")[0]]
+
+    @property
     def better(self) -> str:
         return "higher" if self.unit in {"MB/s", "1/s"} else "lower"
 
 
 def metrics(args: argparse.Namespace) -> list[Metric]:
     size, n, p = size_label(args.size), args.sessions, args.parallel
-    return [
+    every = [
         Metric("download_mbps", f"{size} download", "MB/s", ">= 1.0"),
         Metric("upload_mbps", f"{size} upload (cfl-sftp: gateway)", "MB/s", ">= 0.9"),
         Metric("download_cpu_per_gb", f"{size} download, server CPU", "s/GB", digits=2),
@@ -563,6 +579,7 @@ def metrics(args: argparse.Namespace) -> list[Metric]:
         Metric("rate_peak_rss_mib", "sessions/s: server peak RSS", "MiB"),
         Metric("rate_client_share", "sessions/s: busiest client process", "core", chart=False, digits=2),
     ]
+    return [m for m in every if m.workload in args.workloads]
 
 
 def medians(runs: list[dict[str, Run]]) -> dict[str, dict[str, float]]:
@@ -664,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=200, help="simultaneous download sessions (200)")
     parser.add_argument("--parallel", type=int, default=20, help="parallel clients for sessions/s (20)")
     parser.add_argument("--rate-seconds", type=float, default=10.0, help="length of the sessions/s workload (10)")
+    parser.add_argument("--workloads", type=lambda text: set(text.split(",")), default=set(WORKLOADS),
+                        help="a comma-separated subset of single,sessions,rate (default all three)")
     parser.add_argument("--client-procs", type=int, default=1,
                         help="client processes sharing the concurrent workloads (1; see the README)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
@@ -672,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                         help="first wait up to S seconds for the 1-minute load average to drop below 0.7")
     args = parser.parse_args(argv)
+    if not args.workloads or not args.workloads <= set(WORKLOADS):
+        parser.error(f"--workloads is a comma-separated subset of {','.join(WORKLOADS)}")
     if not 1 <= args.runs <= 9:
         parser.error("--runs is 1 to 9")
     if not (1 <= args.sessions <= 900 and 1 <= args.parallel <= 200 and 1 <= args.client_procs <= 8):
@@ -712,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "load_end": os.getloadavg()},
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "options": {k: sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v
+                    for k, v in vars(args).items()},
         "metrics": [m.__dict__ for m in metrics(args)],
         "runs": runs,
         "medians": med,
