@@ -635,7 +635,7 @@ def print_table(args: argparse.Namespace, med: dict[str, dict[str, float]], load
     return text
 
 
-def draw_chart(args: argparse.Namespace, med: dict[str, dict[str, float]], path: Path) -> None:
+def draw_chart(args: argparse.Namespace, med: dict[str, dict[str, float]], loads: list[float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -664,7 +664,8 @@ def draw_chart(args: argparse.Namespace, med: dict[str, dict[str, float]], path:
     ax.invert_yaxis()
     ax.set_xlabel("ratio to OpenSSH sshd internal-sftp (log scale; 1 = same)")
     ax.set_title(f"cfl-sftp and stock asyncssh against OpenSSH sshd on 127.0.0.1\nmedians of {args.runs} run(s) "
-                 f"on {os.cpu_count()} cores; targets of issue 9 in red", fontsize=9)
+                 f"on {os.cpu_count()} cores, load average {min(loads):.1f} to {max(loads):.1f}; targets of issue 9 in red",
+                 fontsize=9)
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
@@ -730,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
             med = medians(runs)
             loads = [run[REFERENCE]["load_before"] for run in runs]
             table = print_table(args, med, loads)
-            draw_chart(args, med, args.out / "compare.png")
+            draw_chart(args, med, loads, args.out / "compare.png")
             (args.out / "compare.txt").write_text(table + "\n")
             profiles = profile_cfl(args, workdir, client, versions, small) if args.profile else {}
     finally:
