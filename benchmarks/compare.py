@@ -664,7 +664,8 @@ def draw_chart(args: argparse.Namespace, med: dict[str, dict[str, float]], loads
     ax.invert_yaxis()
     ax.set_xlabel("ratio to OpenSSH sshd internal-sftp (log scale; 1 = same)")
     ax.set_title(f"cfl-sftp and stock asyncssh against OpenSSH sshd on 127.0.0.1\nmedians of {args.runs} run(s) "
-                 f"on {os.cpu_count()} cores, load average {min(loads):.1f} to {max(loads):.1f}; targets of issue 9 in red",
+                 f"on {os.cpu_count()} cores, load average {min(loads):.1f} to {max(loads):.1f}; "
+                 "targets of issue 9 in red",
                  fontsize=9)
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles, strict=True))
