@@ -681,8 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         return client_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
-    parser.add_argument("--out", type=Path, default=Path("benchmark-results/compare"),
-                        help="folder for compare.png and compare.json (default benchmark-results/compare)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/compare"),
+                        help="folder for compare.txt, .png and .json (default benchmarks/out/compare, git-ignored)")
     parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"), help="the big file (1GiB)")
     parser.add_argument("--small-size", type=parse_size, default=4 * MiB, help="each session's file (4MiB)")
     parser.add_argument("--sessions", type=int, default=200, help="simultaneous download sessions (200)")
