@@ -30,6 +30,7 @@ from tests.factory import SIGNING_KEY, ota_image
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+GB = 1_000_000_000
 MB = 1_000_000  # throughput figures are decimal MB/s, as OpenSSH and most tools print them
 
 # What a package adds around its image (tar headers, manifest, signature, end blocks, record padding) is under
@@ -237,14 +238,32 @@ def tree_rss_bytes(root: int) -> int:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far (0 when it is gone)."""
+def _stat_seconds(pid: int, fields: slice) -> float:
+    """The sum of some clock-tick fields of /proc/<pid>/stat, in seconds (0 when the process is gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime: fields 14 and 15 of stat(5)
+    # the command name is in parentheses and may hold spaces: count the fields after the last ')'
+    return sum(int(f) for f in stat.rsplit(")", 1)[1].split()[fields]) / _TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (0 when it is gone)."""
+    return _stat_seconds(pid, slice(11, 13))  # utime, stime: fields 14 and 15 of stat(5)
+
+
+def reaped_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process and of all the children it has waited for (0 when it is gone)."""
+    return _stat_seconds(pid, slice(11, 15))  # utime, stime, cutime, cstime: fields 14 to 17
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of a process tree, including descendants that have ended: a process that exits and is waited
+    for adds its time (and its own reaped children's) to its parent's ``cutime``/``cstime``. The difference of
+    two readings is exact for a server such as sshd that forks a short-lived process per connection and reaps
+    it, where sampling live processes would miss most of them."""
+    return sum(reaped_cpu_seconds(pid) for pid in tree_pids(root))
 
 
 class RssSampler:

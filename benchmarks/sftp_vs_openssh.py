@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks._common import (
     MB,
@@ -75,6 +76,9 @@ from benchmarks._common import (
     wait_for_port,
     wait_for_quiet,
 )
+
+if TYPE_CHECKING:
+    from tests.deployments import DeploymentUnderTest
 
 SSHD = Path("/usr/sbin/sshd")
 SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
@@ -135,15 +139,26 @@ def known_hosts_line(port: int, public_key_file: Path) -> str:
     return f"[127.0.0.1]:{port} {kind} {key}\n"
 
 
-def start_cfl(workdir: Path) -> tuple[Server, Path]:
-    """A fresh deployment like tests/deployments.py, served by ``cfl-sftp serve`` in a subprocess."""
+def start_cfl(
+    workdir: Path, *, settings: dict[str, str] | None = None,
+    prepare: Callable[[DeploymentUnderTest], None] | None = None,
+) -> tuple[Server, Path]:
+    """A fresh deployment like tests/deployments.py, served by ``cfl-sftp serve`` in a subprocess.
+
+    ``settings`` replaces values in its config (as ``make_deployment`` does); ``prepare`` runs on the deployment
+    before the server starts (e.g. to seed the library through the gateway in process).
+    """
     from tests.deployments import make_deployment
 
     root = workdir / f"cfl-{time.monotonic_ns()}"
     root.mkdir()
     port = free_port()
-    dut = make_deployment(root, settings={"listen": f'["127.0.0.1:{port}"]'})
-    dut.deployment.close()
+    dut = make_deployment(root, settings={**(settings or {}), "listen": f'["127.0.0.1:{port}"]'})
+    try:
+        if prepare is not None:
+            prepare(dut)
+    finally:
+        dut.deployment.close()
     known = root / "known_hosts"
     known.write_text("".join(known_hosts_line(port, pub) for pub in sorted((dut.root / "keys").glob("*.pub"))))
     log_path = root / "cfl-sftp.log"
@@ -188,14 +203,30 @@ def ensure_openssh_server() -> None:
 
 @contextlib.contextmanager
 def privsep_dir() -> Iterator[None]:
-    """sshd refuses to start without /run/sshd; make it if missing and remove it (if still empty) after."""
+    """sshd refuses connections without /run/sshd: make it if missing, keep it there while in the block, and
+    remove it (if still empty) after, when this process made it.
+
+    Keeping it matters on a shared machine: a second benchmark that found it missing, made it and finished first
+    removes it, and from then on every login to this process's sshd fails ("Missing privilege separation
+    directory"). A thread puts it back within 0.2 s."""
     created = False
     if not PRIVSEP_DIR.exists():
         PRIVSEP_DIR.mkdir(mode=0o755)
         created = True
+    stop = threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(0.2):
+            with contextlib.suppress(OSError):
+                PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+
+    keeper = threading.Thread(target=keep, name="privsep-dir", daemon=True)
+    keeper.start()
     try:
         yield
     finally:
+        stop.set()
+        keeper.join(timeout=5)
         if created:
             with contextlib.suppress(OSError):
                 PRIVSEP_DIR.rmdir()
@@ -206,8 +237,11 @@ def keygen(path: Path) -> None:
                    check=True, timeout=60)
 
 
-def start_sshd(workdir: Path, label: str, subsystem: str) -> Server:
-    """A private sshd, as root, on a spare port; nothing of the system's sshd configuration is read."""
+def start_sshd(workdir: Path, label: str, subsystem: str, *, extra_config: str = "") -> Server:
+    """A private sshd, as root, on a spare port; nothing of the system's sshd configuration is read.
+
+    ``extra_config`` is appended to its ``sshd_config`` (e.g. ``MaxStartups`` for many concurrent logins).
+    """
     folder = workdir / label.replace(" ", "-")
     folder.mkdir()
     keygen(folder / "host_key")
@@ -223,7 +257,7 @@ def start_sshd(workdir: Path, label: str, subsystem: str) -> Server:
         "PermitRootLogin prohibit-password\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nAllowTcpForwarding no\nAllowAgentForwarding no\nX11Forwarding no\n"
         "PermitTTY no\nPrintMotd no\nPermitUserRC no\nLogLevel INFO\n"
-        f"Subsystem sftp {subsystem}\n"
+        f"Subsystem sftp {subsystem}\n{extra_config}"
     )
     subprocess.run([str(SSHD), "-t", "-f", str(config)], check=True, timeout=60)
     known = folder / "known_hosts"
@@ -524,30 +558,43 @@ def summarise_profile(raw: Path, seconds: float, rate: int, top: int = 12) -> st
     return "\n".join(out)
 
 
-def profiled(client: Client, server: Server, login: Login, command: str, *, out: Path, rate: int) -> str:
-    spy = py_spy()
-    if spy is None:
-        raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
-    settle()
-    recorder = subprocess.Popen(
-        [spy, "record", "--pid", str(server.process.pid), "--rate", str(rate), "--format", "raw", "--threads",
-         "--nonblocking", "--output", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    time.sleep(1.0)  # py-spy attaches
-    started = time.perf_counter()
-    try:
-        result = client.run(server, login, [command])
-    finally:
-        seconds = time.perf_counter() - started
-        recorder.send_signal(signal.SIGINT)
+class PySpyRecording:
+    """``py-spy record`` (raw stacks, per thread, without pausing the target) on ``pid`` while in the block;
+    ``seconds`` is then the time the block took, for :func:`summarise_profile`."""
+
+    def __init__(self, pid: int, out: Path, rate: int) -> None:
+        spy = py_spy()
+        if spy is None:
+            raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
+        self.argv = [spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--threads",
+                     "--nonblocking", "--output", str(out)]
+        self.seconds = 0.0
+        self._started = 0.0
+        self._recorder: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> PySpyRecording:
+        self._recorder = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # py-spy attaches
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._started
+        assert self._recorder is not None
+        self._recorder.send_signal(signal.SIGINT)
         try:
-            recorder.wait(timeout=60)
+            self._recorder.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            recorder.kill()
-            recorder.wait(timeout=10)
+            self._recorder.kill()
+            self._recorder.wait(timeout=10)
+
+
+def profiled(client: Client, server: Server, login: Login, command: str, *, out: Path, rate: int) -> str:
+    settle()
+    with PySpyRecording(server.process.pid, out, rate) as recording:
+        result = client.run(server, login, [command])
     check(result, command, server)
-    return summarise_profile(out, seconds, rate)
+    return summarise_profile(out, recording.seconds, rate)
 
 
 def profile_cfl(args: argparse.Namespace, workdir: Path, client: Client, versions: FreshVersions) -> None:
