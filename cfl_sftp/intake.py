@@ -74,7 +74,7 @@ class _FileSink:
         self.handle = handle
         self._unsynced = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.handle.write(data)
         self._unsynced += len(data)
         if self._unsynced >= SYNC_EVERY_BYTES:

@@ -84,7 +84,8 @@ async def test_limits_extension_reports_the_open_file_limit_the_server_enforces(
             packet = await raw(sftp)._make_request(b"limits@openssh.com")
             limits = SFTPLimits.decode(packet)
             assert limits.max_open_handles == 3
-            assert limits.max_read_len == sftp.limits.max_read_len
+            assert limits.max_read_len == sftp.limits.max_read_len == 255 * 1024  # as OpenSSH's sftp-server
+            assert limits.max_write_len == 255 * 1024
 
             handles = [await sftp.open(IMAGE_PATH, "rb") for _ in range(3)]
             assert await sftp_status(sftp.open(IMAGE_PATH, "rb")) == FX_FAILURE
@@ -92,6 +93,24 @@ async def test_limits_extension_reports_the_open_file_limit_the_server_enforces(
             handles.append(await sftp.open(IMAGE_PATH, "rb"))
             for handle in handles:
                 await handle.close()
+    finally:
+        await server.service.stop()
+
+
+async def test_a_read_longer_than_the_offered_length_is_short_and_the_rest_reads_on(tmp_path: Path) -> None:
+    """As OpenSSH's sftp-server: a READ past 255 KiB answers 255 KiB; asking on from there gets the rest."""
+    server = await start_sftp_server(tmp_path)
+    try:
+        image = PackageSpec(image_size=600_000)
+        await server.seed(image)
+        async with server.sftp("northern-ops") as sftp:
+            handle = await raw(sftp).open(IMAGE_PATH.encode(), asyncssh.FXF_READ, asyncssh.SFTPAttrs())
+            received = b""
+            for _ in range(3):  # one READ per request, as the protocol sends it (asyncssh's file API would split)
+                data, _at_end = await raw(sftp).read(handle, len(received), 1 << 20)
+                received += data
+                assert len(data) == min(255 * 1024, image.image_size - len(received) + len(data))
+        assert received == image_of(image)
     finally:
         await server.service.stop()
 

@@ -49,9 +49,12 @@ MAX_MANIFEST_BYTES = 64 * 1024
 
 
 class ContentSink(Protocol):
-    """Where the image or release-note bytes go as they arrive (a temp file, a sealed vault object)."""
+    """Where the image or release-note bytes go as they arrive (a temp file, a sealed vault object).
 
-    def write(self, data: bytes) -> None: ...
+    ``data`` may be a view into the piece being fed, valid during the call: a sink that keeps bytes copies them.
+    """
+
+    def write(self, data: bytes | memoryview) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,7 @@ class _Content:
         self.sha256.update(chunk)
         self.received += len(chunk)
         if self.sink is not None:
-            self.sink.write(chunk if isinstance(chunk, bytes) else chunk.tobytes())
+            self.sink.write(chunk)  # a view into the piece fed: no copy
 
 
 def _container(message: str) -> GatewayRejection:

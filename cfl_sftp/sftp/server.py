@@ -94,6 +94,13 @@ def _node_attrs(node: Node) -> asyncssh.SFTPAttrs:
     return _attrs(FILE_MODE, node.size, node.mtime)
 
 
+MAX_PACKET_LENGTH = 256 * 1024
+"""What ``limits@openssh.com`` offers, as OpenSSH's sftp-server does: asyncssh's clients use the offered read
+length as their block size, and asyncssh's own 4 MiB meant a whole 4 MiB image per request, buffered in full
+in every one of 200 simultaneous sessions."""
+MAX_READ_LENGTH = MAX_WRITE_LENGTH = MAX_PACKET_LENGTH - 1024
+
+
 class LibrarySFTPServer(asyncssh.SFTPServer):
     """One SFTP session of one authenticated user."""
 
@@ -379,7 +386,8 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         if not isinstance(file_obj, ReadHandle):
             raise asyncssh.SFTPFailure("The file is not open for reading")
-        return await file_obj.read(offset, size)
+        # A larger request gets a short read, as from OpenSSH's sftp-server; every client asks again for the rest.
+        return await file_obj.read(offset, min(size, MAX_READ_LENGTH))
 
     @sftp_errors
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:

@@ -2,14 +2,18 @@
 as the only thing a session may do.
 
 No passwords, keyboard-interactive, shell, exec (so no legacy SCP protocol), port or agent forwarding. The SFTP
-subsystem runs our own handler subclass, which differs from asyncssh's in six documented ways: it accepts a
-WRITE that carries bytes after its declared data (rclone 1.60 sends such packets; OpenSSH's server ignores the
-extra bytes, and so do we); it tells our server when a session ends with handles still open, so that a
-package in progress is discarded instead of sent to the gateway; its ``limits@openssh.com`` reply names the
-open-file limit the server enforces instead of the host's; it answers OPENDIR through our server's async
-``opendir`` (a user's view may be being built in a worker thread); it answers a READ only once earlier replies
-have drained (memory per session stays bounded); and it sends an exit status when the session
-ends, as OpenSSH's sftp-server does by exiting (``scp`` fails a finished transfer without one).
+subsystem runs our own handler subclass, which differs from asyncssh's in six documented ways:
+
+* it accepts a WRITE that carries bytes after its declared data (rclone 1.60 sends such packets; OpenSSH's
+  server ignores the extra bytes, and so do we);
+* it tells our server when a session ends with handles still open, so that a package in progress is discarded
+  instead of sent to the gateway;
+* its ``limits@openssh.com`` reply offers OpenSSH's sftp-server's lengths, not asyncssh's, and the open-file
+  limit the server enforces, not the host's;
+* it answers OPENDIR through our server's async ``opendir`` (a user's view may be being built in a thread);
+* it answers a READ only once earlier replies have drained, so memory per session stays bounded;
+* it sends an exit status when the session ends, as OpenSSH's sftp-server does by exiting (``scp`` fails a
+  finished transfer without one).
 """
 
 from __future__ import annotations
@@ -27,16 +31,13 @@ import structlog
 from asyncssh.channel import SSHChannel
 from asyncssh.packet import SSHPacket
 from asyncssh.sftp import (
-    MAX_SFTP_PACKET_LEN,
-    MAX_SFTP_READ_LEN,
-    MAX_SFTP_WRITE_LEN,
     SFTPLimits,
     SFTPServerHandler,
 )
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 from cfl_sftp.sftp.auth import ConnectionAuth
-from cfl_sftp.sftp.server import LibrarySFTPServer
+from cfl_sftp.sftp.server import MAX_PACKET_LENGTH, MAX_READ_LENGTH, MAX_WRITE_LENGTH, LibrarySFTPServer
 
 if TYPE_CHECKING:
     from cfl_sftp.runtime import Runtime, SessionInfo
@@ -66,12 +67,12 @@ class LibrarySFTPHandler(SFTPServerHandler):
         return int(result)
 
     async def _process_limits(self, packet: SSHPacket) -> SFTPLimits:
-        """``limits@openssh.com``: asyncssh's own reply names the host's open-file limit; ours names the one the
-        server enforces per session (``open_files_per_session``)."""
+        """``limits@openssh.com``: OpenSSH's sftp-server's lengths (see :data:`.server.MAX_PACKET_LENGTH`), and the
+        open-file limit the server enforces per session (``open_files_per_session``), not the host's."""
         packet.check_end()
         server = self._server
         handles = server.open_files_limit if isinstance(server, LibrarySFTPServer) else 0
-        return SFTPLimits(MAX_SFTP_PACKET_LEN, MAX_SFTP_READ_LEN, MAX_SFTP_WRITE_LEN, handles)
+        return SFTPLimits(MAX_PACKET_LENGTH, MAX_READ_LENGTH, MAX_WRITE_LENGTH, handles)
 
     async def _process_read(self, packet: SSHPacket) -> tuple[bytes, bool]:
         """READ, once what the session already answered has left for the network.

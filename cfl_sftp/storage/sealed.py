@@ -85,7 +85,7 @@ class SealedWriter:
     def plaintext_size(self) -> int:
         return self._size
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self._size += len(data)
         out = self._encryptor.update(data)
         if out:
