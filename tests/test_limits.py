@@ -61,6 +61,40 @@ async def test_sessions_past_the_per_user_limit_are_refused(tmp_path: Path) -> N
         await server.service.stop()
 
 
+async def test_logins_arriving_together_are_admitted_exactly_up_to_the_limit(tmp_path: Path) -> None:
+    """Admissions are written in group commits: ten logins at once, limit three, must still admit exactly three,
+    and once those end the user may log in again."""
+    server = await start_sftp_server(tmp_path, {"sessions_per_user": "3"})
+    key = str(server.key("northern-ops"))
+
+    async def session() -> asyncssh.SSHClientConnection | None:
+        conn = await connect_with(server, "northern-ops", key)
+        try:
+            await asyncio.wait_for(conn.start_sftp_client(), CLIENT_TIMEOUT)
+        except (asyncssh.Error, OSError):
+            conn.close()
+            return None
+        return conn
+
+    try:
+        results = await asyncio.gather(*(session() for _ in range(10)))
+        admitted = [conn for conn in results if conn is not None]
+        assert len(admitted) == 3
+        for conn in admitted:
+            conn.close()
+            await conn.wait_closed()
+        for _ in range(50):  # the ends are written in the next group commit
+            again = await session()
+            if again is not None:
+                again.close()
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the user could not log in again after its sessions ended")
+    finally:
+        await server.service.stop()
+
+
 async def test_unauthenticated_connections_are_capped(tmp_path: Path) -> None:
     server = await start_sftp_server(tmp_path, {"unauthenticated_connections": "1"})
     try:

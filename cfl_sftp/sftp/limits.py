@@ -9,8 +9,9 @@ Bans and session counts hold on every node (SPEC 9), through the database (:mod:
   and a ban decided on one node holds on every other within about a second.
 * **Sessions per user**: each authenticated connection is a row; a new one is admitted only while its user has
   fewer than ``sessions_per_user`` rows on live nodes (a node silent for 60 s no longer counts, and its rows are
-  swept). Admission runs in a worker thread right after authentication; the session channel opens only once it
-  has answered, and a refused connection is closed.
+  swept). Admission runs in a worker thread right after authentication, in group commits with every other
+  admission and session end of the moment (:class:`SessionLedger`); the session channel opens only once it has
+  answered, and a refused connection is closed.
 * **Unauthenticated connections** are a node's own resource (sockets, handshakes) and are capped per node.
 
 Each refusal is logged and audited (``session-refused``, ``address-banned``); refusals that a flood could
@@ -68,6 +69,7 @@ class AbuseGuard:
         self._last_refusal_audit: dict[tuple[str, str], int] = {}
         self._admissions: dict[str, asyncio.Task[bool]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ledger = SessionLedger(db, lambda: self._limits().sessions_per_user, clock)
 
     @property
     def unauthenticated(self) -> int:
@@ -216,18 +218,10 @@ class AbuseGuard:
         return task
 
     async def _admit(self, address: str, user: str, organisation: str, session_id: str, peer: str) -> bool:
-        limit = self._limits().sessions_per_user
-        now = self._clock()
         row = OpenSessionRow(session_id=session_id, node_id=self._node_id, endpoint=self._endpoint, user=user,
-                             peer=peer[:128], opened_at=now)
-
-        def admit() -> int | None:
-            with self._db.writing() as session:
-                return limits_store.open_session(
-                    session, row, limit=limit, live_after=now - dt.timedelta(seconds=NODE_LIVE_SECONDS))
-
+                             peer=peer[:128], opened_at=self._clock())
         try:
-            count = await asyncio.to_thread(admit)
+            count = await self._ledger.open(row)
         except Exception:
             log.exception("session_not_recorded", peer=address, user=user)
             self.refuse_connection(address, "database-unavailable", user, organisation, peer)
@@ -248,11 +242,73 @@ class AbuseGuard:
                 if not await admission:
                     return
 
-        def close() -> None:
-            with self._db.writing() as session:
-                limits_store.close_session(session, session_id)
-
         try:
-            await asyncio.to_thread(close)
+            await self._ledger.close(session_id)
         except Exception:
             log.exception("session_row_not_removed", session=session_id)  # swept when this node is gone
+
+
+class SessionLedger:
+    """The open-sessions table, written in group commits: one transaction (one fsync on SQLite) for every
+    admission and session end that arrived while the previous one was being written, not one per login.
+
+    Admission stays exact: in the batch's transaction each new session counts its user's rows on live nodes
+    under that user's lock, rows added earlier in the same batch included.
+    """
+
+    def __init__(self, db: Database, limit: Callable[[], int], clock: Callable[[], dt.datetime]) -> None:
+        self._db = db
+        self._limit = limit
+        self._clock = clock
+        self._opens: list[tuple[OpenSessionRow, asyncio.Future[int | None]]] = []
+        self._closes: list[tuple[str, asyncio.Future[None]]] = []
+        self._writing: asyncio.Task[None] | None = None
+
+    def open(self, row: OpenSessionRow) -> asyncio.Future[int | None]:
+        """Resolves to the user's session count with ``row``, or None when the limit refused it."""
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._opens.append((row, future))
+        self._kick()
+        return future
+
+    def close(self, session_id: str) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closes.append((session_id, future))
+        self._kick()
+        return future
+
+    def _kick(self) -> None:
+        if self._writing is None:
+            self._writing = asyncio.ensure_future(self._write_batches())
+
+    async def _write_batches(self) -> None:
+        try:
+            while self._opens or self._closes:
+                opens, self._opens = self._opens, []
+                closes, self._closes = self._closes, []
+                try:
+                    counts = await asyncio.to_thread(self._apply, [row for row, _ in opens], [c for c, _ in closes])
+                except Exception as exc:
+                    for _, refused in opens:
+                        if not refused.done():
+                            refused.set_exception(exc)
+                    for _, unrecorded in closes:
+                        if not unrecorded.done():
+                            unrecorded.set_exception(exc)
+                    continue
+                for (_, opened), count in zip(opens, counts, strict=True):
+                    if not opened.done():
+                        opened.set_result(count)
+                for _, closed in closes:
+                    if not closed.done():
+                        closed.set_result(None)
+        finally:
+            self._writing = None
+
+    def _apply(self, opens: list[OpenSessionRow], closes: list[str]) -> list[int | None]:
+        limit = self._limit()
+        live_after = self._clock() - dt.timedelta(seconds=NODE_LIVE_SECONDS)
+        with self._db.writing() as session:
+            for session_id in closes:
+                limits_store.close_session(session, session_id)
+            return [limits_store.open_session(session, row, limit=limit, live_after=live_after) for row in opens]
