@@ -280,9 +280,10 @@ async def _close_idle_sessions(runtime: Runtime) -> None:
         await asyncio.sleep(IDLE_SWEEP_SECONDS)
         if runtime.stopping:
             continue  # the stop's own drain decides now
-        timeout = runtime.limits.idle_timeout_seconds
-        for session in activity.idle_sessions(list(runtime.sessions.values()), loop.time(), timeout):
-            runtime.close_session(session, activity.IDLE, idle_seconds=timeout)
+        now = loop.time()
+        for session in activity.idle_sessions(list(runtime.sessions.values()), now,
+                                              runtime.limits.idle_timeout_seconds):
+            runtime.close_session(session, activity.IDLE, idle_seconds=int(session.idle_seconds(now)))
 
 
 async def _report_status(service: RunningService) -> None:
