@@ -186,6 +186,15 @@ async def connect(td: DeploymentUnderTest, port: int, user: str) -> asyncssh.SSH
     )
 
 
+async def open_remote(
+    td: DeploymentUnderTest, port: int, user: str, path: str, mode: str
+) -> tuple[asyncssh.SSHClientConnection, asyncssh.SFTPClientFile]:
+    """A session of ``user`` holding ``path`` open: a transfer under way when the test signals the service."""
+    conn = await connect(td, port, user)
+    sftp = await conn.start_sftp_client()
+    return conn, await sftp.open(path, mode)
+
+
 def database_after(td: DeploymentUnderTest) -> Deployment:
     return Deployment.open(load_config(td.config_path))
 
@@ -343,9 +352,7 @@ async def test_sigterm_lets_a_download_finish_then_exits_0_with_a_final_checkpoi
     with notify_socket() as notify:
         async with serving(td, notify) as service:
             port = port_of(await notify.until("READY"))
-            conn = await connect(td, port, "northern-ops")
-            sftp = await conn.start_sftp_client()
-            remote = await sftp.open(IMAGE_PATH, "rb")
+            conn, remote = await open_remote(td, port, "northern-ops", IMAGE_PATH, "rb")
             head = await remote.read(32 << 10)
 
             service.signal(signal.SIGTERM)
@@ -380,9 +387,7 @@ async def test_sigterm_closes_a_session_still_busy_at_the_stop_timeout_and_its_u
     with notify_socket() as notify:
         async with serving(td, notify) as service:
             port = port_of(await notify.until("READY"))
-            conn = await connect(td, port, "acme-release")
-            sftp = await conn.start_sftp_client()
-            remote = await sftp.open("/incoming/slow.cfl", "wb")
+            conn, remote = await open_remote(td, port, "acme-release", "/incoming/slow.cfl", "wb")
             await remote.write(b"\0" * 1024)
 
             async def trickle() -> int:
