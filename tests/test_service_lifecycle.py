@@ -380,10 +380,11 @@ async def test_sigterm_lets_a_download_finish_then_exits_0_with_a_final_checkpoi
         deployment.close()
 
 
+@pytest.mark.parametrize(("stop_timeout", "signals"), [(2, 1), (600, 2)], ids=["at-the-timeout", "at-a-second-sigterm"])
 async def test_sigterm_closes_a_session_still_busy_at_the_stop_timeout_and_its_upload_is_partial(
-    tmp_path: Path,
+    tmp_path: Path, stop_timeout: int, signals: int
 ) -> None:
-    td = await asyncio.to_thread(deployment_for_serve, tmp_path, stop_timeout_seconds=2)
+    td = await asyncio.to_thread(deployment_for_serve, tmp_path, stop_timeout_seconds=stop_timeout)
     with notify_socket() as notify:
         async with serving(td, notify) as service:
             port = port_of(await notify.until("READY"))
@@ -403,9 +404,13 @@ async def test_sigterm_closes_a_session_still_busy_at_the_stop_timeout_and_its_u
             writing = asyncio.ensure_future(trickle())
             service.signal(signal.SIGTERM)
             await notify.until("STOPPING")
+            if signals == 2:
+                await asyncio.sleep(0.5)  # the upload goes on through the drain...
+                service.signal(signal.SIGTERM)  # ...until the operator insists
             assert await asyncio.wait_for(writing, WAIT) > 1
             assert await service.exit_code() == 0
             assert service.events("sessions_closed_at_stop_timeout")
+            assert bool(service.events("service_stop_hurried")) == (signals == 2)
             conn.close()
     deployment = await asyncio.to_thread(database_after, td)
     try:
