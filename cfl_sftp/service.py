@@ -98,6 +98,9 @@ class RunningService:
 
     def hangup(self) -> None:
         """``SIGHUP`` (``systemctl reload``): :meth:`reload` now; a signal during a reload runs one more."""
+        if self.runtime.stopping:
+            log.warning("reload_ignored_while_stopping")
+            return
         if self._reloading is not None and not self._reloading.done():
             self._reload_again = True
             return
@@ -128,8 +131,9 @@ class RunningService:
             except Exception:
                 log.exception("policy_reload_failed")
         finally:
-            self.notifier.ready(self.status_line())
-            log.info("service_reloaded")
+            if not self.runtime.stopping:  # a stop cancels a reload under way: READY=1 would contradict it
+                self.notifier.ready(self.status_line())
+                log.info("service_reloaded")
 
     async def _reload_config(self) -> None:
         current = self.config
