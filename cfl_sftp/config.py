@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,8 @@ class Config:
     audit_origin: str = "cfl-sftp"
     gateway: GatewayLimits = field(default_factory=GatewayLimits)
     limits: SessionLimits = field(default_factory=SessionLimits)
+    path: Path | None = None
+    """The file it was read from: ``SIGHUP`` reads it again."""
 
     @property
     def spool_dir(self) -> Path:
@@ -96,7 +98,24 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"no configuration file at {path}") from exc
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    return config_from_mapping(raw, path.resolve().parent)
+    return replace(config_from_mapping(raw, path.resolve().parent), path=path.resolve())
+
+
+RELOADABLE = ("gateway", "limits")
+"""What ``SIGHUP`` puts in force from the file (SPEC 9); every other key needs a restart."""
+
+
+def reloaded(current: Config, fresh: Config) -> tuple[Config, tuple[str, ...]]:
+    """``current`` with ``fresh``'s ``[gateway]`` and ``[limits]``, and the other keys that differ.
+
+    Those keys (``listen``, ``database_url``, paths, key names) keep their running value until a restart:
+    the caller warns about them.
+    """
+    restart_only = tuple(
+        f.name for f in fields(Config)
+        if f.name not in (*RELOADABLE, "path") and getattr(current, f.name) != getattr(fresh, f.name)
+    )
+    return replace(current, gateway=fresh.gateway, limits=fresh.limits), restart_only
 
 
 def config_from_mapping(raw: dict[str, Any], base_dir: Path) -> Config:

@@ -13,6 +13,7 @@ import gc
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncssh
 import structlog
@@ -20,7 +21,7 @@ import structlog
 from cfl_sftp.audit_writer import AuditWriter
 from cfl_sftp.availability import DatabaseAvailability
 from cfl_sftp.catalogue import Catalogue, CatalogueImage, library_version, load_catalogue
-from cfl_sftp.config import SessionLimits
+from cfl_sftp.config import Config, SessionLimits
 from cfl_sftp.deployment import Deployment
 from cfl_sftp.domain.entitlement import EstateView, build_estate_view, can_see_images
 from cfl_sftp.domain.model import OrganisationKind, Role
@@ -28,6 +29,7 @@ from cfl_sftp.domain.receipt import Receipt
 from cfl_sftp.intake import PackageUpload, Uploader, feed_chunks
 from cfl_sftp.policy import PolicySnapshot
 from cfl_sftp.sftp import audit_folder, auth
+from cfl_sftp.sftp.activity import SessionActivity
 from cfl_sftp.sftp.errors import no_such_file
 from cfl_sftp.sftp.handles import (
     BytesHandle,
@@ -103,7 +105,12 @@ class Runtime:
         self._uploads: dict[tuple[str, str], PackageHandle] = {}
         self._processed: dict[tuple[str, str], ProcessedName] = {}
         self._connections: dict[str, dict[str, asyncssh.SSHServerConnection]] = {}
-        self._tasks: set[asyncio.Future[object]] = set()
+        self.sessions: dict[str, SessionActivity] = {}
+        """Every authenticated connection by session id: what the idle timeout and a stop look at."""
+        self._close_reasons: dict[str, dict[str, object]] = {}
+        self.stopping = False
+        """Set when a stop begins: no new SFTP channel is opened from then on."""
+        self._tasks: set[asyncio.Future[Any]] = set()
         self.database = DatabaseAvailability()
         self.audit_writer = AuditWriter(deployment.db, self.database)
         self._library_paths: frozenset[str] = frozenset()
@@ -117,6 +124,15 @@ class Runtime:
     @property
     def limits(self) -> SessionLimits:
         return self.deployment.config.limits
+
+    def install_config(self, config: Config) -> None:
+        """Put a re-read configuration in force (``[gateway]``/``[limits]``; SIGHUP): one reference swap.
+
+        Every limit is read from ``deployment.config`` when it is applied, so the next request, login or
+        package sees the new values; users' views depend on ``admitted_purposes``, so they are rebuilt.
+        """
+        self.deployment.config = config
+        self._views = {}
 
     @property
     def snapshot(self) -> PolicySnapshot:
@@ -155,9 +171,19 @@ class Runtime:
     def library_changed(self) -> None:
         self.track_task(asyncio.ensure_future(asyncio.to_thread(self.refresh_catalogue_now)))
 
-    def track_task(self, task: asyncio.Future[object]) -> None:
+    def track_task(self, task: asyncio.Future[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def wait_for_tasks(self, timeout: float) -> int:
+        """Wait (bounded) for the tasks in flight: session handlers ending, audit checks, refreshes.
+
+        Returns how many are still running at the timeout.
+        """
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        return len(pending)
 
     # -- users -----------------------------------------------------------------------------------------
 
@@ -220,6 +246,7 @@ class Runtime:
 
     def session_opened(self, username: str, session_id: str, peer: str, conn: asyncssh.SSHServerConnection) -> None:
         self._connections.setdefault(username, {})[session_id] = conn
+        self.sessions[session_id] = SessionActivity(session_id, conn)
         log.info("login_accepted", session=session_id, user=username, peer=peer)
         self.audit_soon(AuditEvent("login-accepted", username, self.organisation_of(username) or "", peer, {
             "session": session_id}))
@@ -229,9 +256,19 @@ class Runtime:
         conns.pop(session_id, None)
         if not conns:
             self._connections.pop(username, None)
-        log.info("session_closed", session=session_id, user=username, peer=peer)
+        self.sessions.pop(session_id, None)
+        why = self._close_reasons.pop(session_id, {})
+        log.info("session_closed", session=session_id, user=username, peer=peer, **why)
         self.audit_soon(AuditEvent("session-closed", username, self.organisation_of(username) or "", peer, {
-            "session": session_id}))
+            "session": session_id, **why}))
+
+    def close_session(self, session: SessionActivity, reason: str, **details: object) -> None:
+        """Close a session for a reason of the service's own (idle, stopping); its ``session-closed`` entry
+        says why (``details.reason``)."""
+        if session.session_id in self._close_reasons:
+            return  # closing already
+        self._close_reasons[session.session_id] = {"reason": reason, **details}
+        session.conn.close()
 
     def close_sessions_of(self, username: str) -> None:
         for conn in list(self._connections.get(username, {}).values()):

@@ -1,9 +1,18 @@
 """``cfl-sftp serve``: wire the deployment, the policy in force and the SSH listener, and run until stopped.
 
 Background duties run here too: noticing library changes made by other nodes, putting new policy sets in force,
-expiring staging files, and signing audit checkpoints (within 60 s of any new entry, and once more at stop).
-``SIGHUP`` re-reads the policy set at once; ``SIGTERM``/``SIGINT`` stop accepting connections, let open transfers
-finish for up to ``stop_timeout_seconds``, then close.
+expiring staging files, closing idle sessions, and signing audit checkpoints (within 60 s of any new entry, and
+once more at stop).
+
+The service's life as systemd sees it (``Type=notify``, :mod:`cfl_sftp.sdnotify`):
+
+* ``READY=1`` once every listener accepts connections;
+* ``SIGHUP``: ``RELOADING=1``, then the configuration's ``[gateway]``/``[limits]``, the key ring and the policy
+  set are read again (each one that is refused keeps the one in force), then ``READY=1``;
+* ``SIGTERM``/``SIGINT``: ``STOPPING=1``; listeners close at once; sessions are let finish what they have in
+  progress for up to ``stop_timeout_seconds`` (see :func:`drained_sessions` for which are closed sooner), then
+  the rest are closed (an upload cut off is a partial upload); the audit queue is written, a last checkpoint
+  signed, and the process exits 0. A second signal during the drain closes the remaining sessions at once.
 """
 
 from __future__ import annotations
@@ -11,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncssh
 import structlog
@@ -21,13 +32,15 @@ import structlog
 from cfl_sftp import recovery
 from cfl_sftp.audit_trail import AuditSigner, make_checkpoint
 from cfl_sftp.availability import DatabaseAvailability
-from cfl_sftp.config import Config
+from cfl_sftp.config import Config, ConfigError, load_config, reloaded
 from cfl_sftp.deployment import Deployment, KeyFileError, load_keyring
 from cfl_sftp.domain.errors import PolicyError
 from cfl_sftp.logs import configure_logging
 from cfl_sftp.policy import PolicySnapshot, load_policy_set
 from cfl_sftp.policy.reloader import PolicyReloader
 from cfl_sftp.runtime import Runtime
+from cfl_sftp.sdnotify import Notifier
+from cfl_sftp.sftp import activity
 from cfl_sftp.sftp.proxy import ProxyProtocolListener
 from cfl_sftp.sftp.ssh import LibrarySSHServer
 from cfl_sftp.storage.audit_store import AuditEvent
@@ -38,6 +51,12 @@ log = structlog.get_logger(__name__)
 CATALOGUE_POLL_SECONDS = 1.0
 STAGING_SWEEP_SECONDS = 600.0
 CHECKPOINT_SECONDS = 15.0  # SPEC 8 asks for a checkpoint within 60 s of any new entry
+IDLE_SWEEP_SECONDS = 1.0  # idle sessions are closed within a second of idle_timeout_seconds
+DRAIN_SWEEP_SECONDS = 0.1
+STATUS_SECONDS = 10.0
+SESSION_END_SECONDS = 15.0
+"""After a stop has closed the last sessions: how long their handlers may take to finish (a gateway verdict
+under way, partial uploads discarded) before the audit queue is written and the last checkpoint signed."""
 
 
 def parse_listen(address: str) -> tuple[str, int]:
@@ -60,31 +79,189 @@ class RunningService:
     servers: list[asyncssh.SSHAcceptor]
     tasks: list[asyncio.Task[None]]
     reload_event: asyncio.Event
+    """Set it to re-read the policy set now (the watcher's own path; :meth:`hangup` does more)."""
     keys_event: asyncio.Event
     node_id: str
-
-    def hangup(self) -> None:
-        """``SIGHUP``: re-read the policy set and the key rings now."""
-        self.reload_event.set()
-        self.keys_event.set()
+    policies: PolicyReloader
+    signer: AuditSigner
+    notifier: Notifier = field(default_factory=Notifier)
+    _reloading: asyncio.Task[None] | None = None
+    _reload_again: bool = False
+    _hurry: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def ports(self) -> list[int]:
         return [s.get_port() for s in self.servers]
 
-    async def stop(self, timeout: float | None = None) -> None:
+    @property
+    def config(self) -> Config:
+        """The configuration in force (``[gateway]``/``[limits]`` as last reloaded)."""
+        return self.runtime.deployment.config
+
+    def status_line(self) -> str:
+        """``STATUS=`` for systemd: where it listens, how many sessions, which policy set."""
+        listen = ", ".join(self.config.listen)
+        count = len(self.runtime.sessions)
+        return (f"Serving on {listen} (ports {', '.join(map(str, self.ports))}); {count} session"
+                f"{'' if count == 1 else 's'}; policy {self.runtime.snapshot.digest[:12]}")
+
+    # -- SIGHUP ----------------------------------------------------------------------------------------
+
+    def hangup(self) -> None:
+        """``SIGHUP`` (``systemctl reload``): :meth:`reload` now; a signal during a reload runs one more."""
+        if self.runtime.stopping:
+            log.warning("reload_ignored_while_stopping")
+            return
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True
+            return
+        self._reloading = asyncio.ensure_future(self._reload_until_settled())
+
+    async def _reload_until_settled(self) -> None:
+        while True:
+            self._reload_again = False
+            try:
+                await self.reload()
+            except Exception:  # a bug must not end reloading: what is in force stays
+                log.exception("service_reload_failed")
+            if not self._reload_again:
+                return
+
+    async def reload(self) -> None:
+        """Re-read the configuration's ``[gateway]``/``[limits]``, the key ring and the policy set.
+
+        Each part that is refused keeps the one in force and says why in the log; the others still apply.
+        """
+        self.notifier.reloading("Reloading configuration, key ring and policies")
+        log.info("service_reloading")
+        try:
+            await self._reload_config()
+            await self._reload_keyring()
+            try:
+                await self.policies.reload_now()
+            except Exception:
+                log.exception("policy_reload_failed")
+        finally:
+            if not self.runtime.stopping:  # a stop cancels a reload under way: READY=1 would contradict it
+                self.notifier.ready(self.status_line())
+                log.info("service_reloaded")
+
+    async def _reload_config(self) -> None:
+        current = self.config
+        if current.path is None:
+            return
+        try:
+            fresh, digest = await asyncio.to_thread(_read_config, current.path)
+        except ConfigError as exc:
+            log.error("config_refused", path=str(current.path), reason=str(exc))
+            return
+        config, restart_only = reloaded(current, fresh)
+        if restart_only:
+            log.warning("config_needs_restart", keys=list(restart_only),
+                        message=f"changed, in force after a restart: {', '.join(restart_only)}")
+        changed = [name for name in ("gateway", "limits") if getattr(config, name) != getattr(current, name)]
+        self.runtime.install_config(config)
+        log.info("config_reloaded", path=str(current.path), config_digest=digest, changed=changed)
+
+    async def _reload_keyring(self) -> None:
+        deployment = self.runtime.deployment
+        try:
+            deployment.keyring = await asyncio.to_thread(load_keyring, deployment.config.vault_key)
+        except KeyFileError as exc:
+            log.error("key_ring_refused", reason=str(exc))
+            return
+        log.info("key_ring_reloaded", wrapping_key=deployment.keyring.wrapping_key_id)
+        self.keys_event.set()  # the heartbeat reports the new wrapping key at once (vault rotate-key waits on it)
+
+    # -- stopping --------------------------------------------------------------------------------------
+
+    def hurry(self) -> None:
+        """A second stop signal: close the sessions still open now rather than at the stop timeout."""
+        self._hurry.set()
+
+    async def stop(self, timeout: float = 0.0) -> None:
+        """Stop accepting, let sessions finish for up to ``timeout`` seconds, close the rest, then write the
+        audit queue and a last checkpoint. The process may exit once this returns."""
+        runtime = self.runtime
+        runtime.stopping = True
         for server in self.servers:
-            server.close()
-        for task in self.tasks:
-            task.cancel()
+            server.close()  # no new connection from now on; the open ones stay
+        self.notifier.stopping(
+            f"Stopping: letting {len(runtime.sessions)} sessions finish (at most {timeout:g} s)",
+            within_seconds=timeout + SESSION_END_SECONDS + 30,
+        )
+        log.info("service_stopping", sessions=len(runtime.sessions), stop_timeout_seconds=timeout)
+        await self._drain(timeout)
+        writer_task = self.tasks[-1]  # the audit writer: it keeps going until the last entries are queued
+        await _cancel([*self.tasks[:-1], *([self._reloading] if self._reloading is not None else [])])
+        unfinished = await runtime.wait_for_tasks(SESSION_END_SECONDS)
+        if unfinished:
+            log.warning("session_tasks_unfinished", tasks=unfinished)
+        await _cancel([writer_task])  # before the last flush: no batch of its own may land after the checkpoint
         for server in self.servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout or 5)
-        await self.runtime.audit_writer.flush(everything=True)
-        await _checkpoint_now(self.runtime.deployment)
+                await asyncio.wait_for(server.wait_closed(), 5)
+        await runtime.audit_writer.flush(everything=True)
+        await _checkpoint_now(runtime.deployment, self.signer)
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(node_stopped, self.runtime.deployment, self.node_id)
-        self.runtime.deployment.close()
+            await asyncio.to_thread(node_stopped, runtime.deployment, self.node_id)
+        runtime.deployment.close()
+        self.notifier.close()
+
+    async def _drain(self, timeout: float) -> None:
+        """Close each session as soon as it has nothing in progress; at ``timeout``, close what is left."""
+        runtime = self.runtime
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        reported = -1
+        while runtime.sessions and loop.time() < deadline and not self._hurry.is_set():
+            now = loop.time()
+            for session in activity.drained_sessions(list(runtime.sessions.values()), now,
+                                                     runtime.limits.idle_timeout_seconds):
+                runtime.close_session(session, activity.STOPPING)
+            if len(runtime.sessions) != reported:
+                reported = len(runtime.sessions)
+                self.notifier.status(f"Stopping: {reported} sessions still open, closed in at most "
+                                     f"{max(0.0, deadline - now):.0f} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), DRAIN_SWEEP_SECONDS)
+        left = list(runtime.sessions.values())
+        if left:
+            log.warning("sessions_closed_at_stop_timeout", sessions=len(left),
+                        session_ids=[s.session_id for s in left])
+        for session in left:
+            runtime.close_session(session, activity.STOP_TIMEOUT)
+        # Each closed connection reports its end (connection_lost) on the loop's next turns: wait, bounded.
+        for _ in range(int(SESSION_END_SECONDS / DRAIN_SWEEP_SECONDS)):
+            if not runtime.sessions:
+                break
+            await asyncio.sleep(DRAIN_SWEEP_SECONDS)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]], timeout: float = 10.0) -> None:
+    """Cancel ``tasks`` and wait until they have ended (bounded).
+
+    Python 3.11's ``asyncio.wait_for`` can swallow a cancellation that arrives as its inner wait completes, and
+    the background loops use it: cancel again until each task has really ended.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = {task for task in tasks if not task.done()}
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+    if pending:
+        log.warning("background_tasks_unfinished", tasks=[task.get_name() for task in pending])
+
+
+def _read_config(path: Path) -> tuple[Config, str]:
+    """The configuration file again, with the digest of its bytes (logged, so nodes can be compared)."""
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    return load_config(path), digest
 
 
 def load_policy_or_empty(config: Config) -> PolicySnapshot:
@@ -103,13 +280,38 @@ async def _poll_catalogue(runtime: Runtime) -> None:
         await asyncio.sleep(CATALOGUE_POLL_SECONDS)
 
 
-async def _watch_policies(runtime: Runtime, config: Config, reload_now: asyncio.Event) -> None:
-    """Put each new valid policy set in force (:mod:`cfl_sftp.policy.reloader`); ``SIGHUP`` sets ``reload_now``."""
+def _policy_reloader(runtime: Runtime, config: Config) -> PolicyReloader:
+    """Puts each new valid policy set in force (:mod:`cfl_sftp.policy.reloader`), audited as the operator's."""
 
     def audit(event: str, details: dict[str, object]) -> None:
         runtime.audit_soon(AuditEvent(event, "operator", "", "local", details))
 
-    await PolicyReloader(config.policies_dir, runtime.snapshot, runtime.install_policy, audit).run(reload_now)
+    return PolicyReloader(config.policies_dir, runtime.snapshot, runtime.install_policy, audit)
+
+
+async def _close_idle_sessions(runtime: Runtime) -> None:
+    """``[limits] idle_timeout_seconds``: a session that asked for nothing for that long is closed (audited as
+    ``session-closed`` with ``reason`` ``idle-timeout``); read at each sweep, so a reload applies at once."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(IDLE_SWEEP_SECONDS)
+        if runtime.stopping:
+            continue  # the stop's own drain decides now
+        now = loop.time()
+        for session in activity.idle_sessions(list(runtime.sessions.values()), now,
+                                              runtime.limits.idle_timeout_seconds):
+            runtime.close_session(session, activity.IDLE, idle_seconds=int(session.idle_seconds(now)))
+
+
+async def _report_status(service: RunningService) -> None:
+    """Keep systemd's ``STATUS=`` (``systemctl status``) current: sessions come and go."""
+    shown = ""
+    while True:
+        await asyncio.sleep(STATUS_SECONDS)
+        line = service.status_line()
+        if line != shown and not service.runtime.stopping:
+            service.notifier.status(line)
+            shown = line
 
 
 async def _sweep_staging(runtime: Runtime) -> None:
@@ -152,18 +354,12 @@ async def _sign_checkpoints(runtime: Runtime, signer: AuditSigner) -> None:
         await asyncio.sleep(CHECKPOINT_SECONDS)
 
 
-async def _keep_node_alive(runtime: Runtime, config: Config, node_id: str, keys_event: asyncio.Event) -> None:
+async def _keep_node_alive(runtime: Runtime, node_id: str, keys_event: asyncio.Event) -> None:
     """Heartbeat with this node's wrapping key id (``vault rotate-key`` waits for every live node to have the
-    new ring); on ``SIGHUP`` re-read the key ring first, keeping the old one if the new file is refused."""
+    new ring); ``keys_event`` (a reloaded key ring) beats at once."""
     deployment = runtime.deployment
     while True:
-        if keys_event.is_set():
-            keys_event.clear()
-            try:
-                deployment.keyring = await asyncio.to_thread(load_keyring, config.vault_key)
-                log.info("key_ring_reloaded", wrapping_key=deployment.keyring.wrapping_key_id)
-            except KeyFileError as exc:
-                log.error("key_ring_refused", reason=str(exc))
+        keys_event.clear()
         try:
             await asyncio.to_thread(record_node_heartbeat, deployment, node_id)
             runtime.database.succeeded()
@@ -174,7 +370,8 @@ async def _keep_node_alive(runtime: Runtime, config: Config, node_id: str, keys_
             await asyncio.wait_for(keys_event.wait(), NODE_HEARTBEAT_SECONDS)
 
 
-async def start(config: Config, deployment: Deployment | None = None) -> RunningService:
+async def start(config: Config, deployment: Deployment | None = None, notifier: Notifier | None = None
+                ) -> RunningService:
     """Start listening; the caller runs the loop. Used by ``serve``, the demo and the tests."""
     deployment = deployment or Deployment.open(config)
     signer = await asyncio.to_thread(AuditSigner.load, config)  # a bad audit key refuses to start
@@ -219,32 +416,58 @@ async def start(config: Config, deployment: Deployment | None = None) -> Running
     keys_event = asyncio.Event()
     node_id = deployment.owner_id
     await runtime.guard.start(node_id, node_endpoint(servers))
-    tasks = [
+    policies = _policy_reloader(runtime, config)
+    service = RunningService(runtime, servers, [], reload_event, keys_event, node_id, policies, signer,
+                             notifier or Notifier())
+    service.tasks += [
         asyncio.create_task(runtime.guard.run()),
-        asyncio.create_task(_keep_node_alive(runtime, config, node_id, keys_event)),
+        asyncio.create_task(_keep_node_alive(runtime, node_id, keys_event)),
         asyncio.create_task(_poll_catalogue(runtime)),
-        asyncio.create_task(_watch_policies(runtime, config, reload_event)),
+        asyncio.create_task(policies.run(reload_event)),
         asyncio.create_task(_sweep_staging(runtime)),
         asyncio.create_task(_sweep_after_crashes(runtime)),
         asyncio.create_task(_sign_checkpoints(runtime, signer)),
-        asyncio.create_task(runtime.audit_writer.run()),
+        asyncio.create_task(_close_idle_sessions(runtime)),
+        asyncio.create_task(_report_status(service)),
+        asyncio.create_task(runtime.audit_writer.run()),  # last: a stop cancels it last
     ]
-    service = RunningService(runtime, servers, tasks, reload_event, keys_event, node_id)
+    # SPEC 9: each node logs the digest of its configuration beside that of its policy set, to compare nodes.
+    config_digest = hashlib.sha256(config.path.read_bytes()).hexdigest() if config.path is not None else None
     log.info("service_started", listen=list(config.listen), ports=service.ports, policy_digest=snapshot.digest,
-             node=node_id)
+             config_digest=config_digest, node=node_id)
     return service
 
 
 async def _serve(config: Config) -> None:
-    service = await start(config)
+    notifier = Notifier.from_environment()
     stop = asyncio.Event()
+    running: list[RunningService] = []  # empty while starting: signals then wait for the start to finish
+    hangup_pending = asyncio.Event()
+
+    def stop_requested() -> None:
+        if stop.is_set() and running:
+            log.warning("service_stop_hurried")
+            running[0].hurry()
+        stop.set()
+
+    def hangup() -> None:
+        if running:
+            running[0].hangup()
+        else:
+            hangup_pending.set()  # the start reads everything anyway; reload once it is done, to be sure
+
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, service.hangup)
+    loop.add_signal_handler(signal.SIGTERM, stop_requested)
+    loop.add_signal_handler(signal.SIGINT, stop_requested)
+    loop.add_signal_handler(signal.SIGHUP, hangup)
+    notifier.status("Starting: opening the database and loading the policy set")
+    service = await start(config, notifier=notifier)
+    running.append(service)
+    notifier.ready(service.status_line())
+    if hangup_pending.is_set():
+        service.hangup()
     await stop.wait()
-    log.info("service_stopping")
-    await service.stop(config.limits.stop_timeout_seconds)
+    await service.stop(service.config.limits.stop_timeout_seconds)  # as last reloaded
     log.info("service_stopped")
 
 

@@ -272,6 +272,7 @@ class PolicyReloader:
         self._next_transition = in_force.estates.next_transition(self._view_date)
         self._refused_digest: str | None = None
         self._stamps: tuple[FileStamp, ...] = ()
+        self._reloading = asyncio.Lock()  # SIGHUP's reload and the watcher's never run at once
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -298,8 +299,7 @@ class PolicyReloader:
                 if forced.is_set():
                     forced.clear()
                     changed_at = None
-                    self._stamps = await asyncio.to_thread(stamp_policy_folder, self.directory)
-                    await self.reload("sighup", force=True)
+                    await self.reload_now()
                     continue
                 await self.apply_due_transition()
                 stamps = await asyncio.to_thread(stamp_policy_folder, self.directory)
@@ -318,11 +318,20 @@ class PolicyReloader:
 
     # -- one reload ----------------------------------------------------------------------------------
 
+    async def reload_now(self, trigger: str = "sighup") -> PolicySnapshot | None:
+        """Read the set at once, even an unchanged one (``SIGHUP``); return once it is in force or refused."""
+        self._stamps = await asyncio.to_thread(stamp_policy_folder, self.directory)
+        return await self.reload(trigger, force=True)
+
     async def reload(self, trigger: str, *, force: bool = False) -> PolicySnapshot | None:
         """Read the set now; install it if it is valid and new. Returns the snapshot installed, if any.
 
         ``force`` reloads even a set whose digest is the one in force or the one last refused.
         """
+        async with self._reloading:
+            return await self._reload(trigger, force=force)
+
+    async def _reload(self, trigger: str, *, force: bool) -> PolicySnapshot | None:
         known: frozenset[str] = frozenset()
         if not force:
             known = frozenset(d for d in (self.in_force.digest, self._refused_digest) if d is not None)

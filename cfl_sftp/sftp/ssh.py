@@ -14,6 +14,9 @@ subsystem runs our own handler subclass, which differs from asyncssh's in six do
 * it answers a READ only once earlier replies have drained, so memory per session stays bounded;
 * it sends an exit status when the session ends, as OpenSSH's sftp-server does by exiting (``scp`` fails a
   finished transfer without one).
+
+Each request it answers, and each byte of request that arrives, is reported to the connection's
+:class:`~.activity.SessionActivity`, which the idle timeout and a graceful stop read.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from asyncssh.sftp import (
 )
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
+from cfl_sftp.sftp.activity import SessionActivity
 from cfl_sftp.sftp.auth import ConnectionAuth
 from cfl_sftp.sftp.server import MAX_PACKET_LENGTH, MAX_READ_LENGTH, MAX_WRITE_LENGTH, LibrarySFTPServer
 
@@ -51,7 +55,36 @@ FXP_OPENDIR = 11  # SSH_FXP_OPENDIR
 
 
 class LibrarySFTPHandler(SFTPServerHandler):
-    """asyncssh's SFTP server handler with the two changes above."""
+    """asyncssh's SFTP server handler with the changes above."""
+
+    def __init__(
+        self, server: LibrarySFTPServer, reader: SSHReader[bytes], writer: SSHWriter[bytes], version: int,
+        activity: SessionActivity | None = None,
+    ) -> None:
+        super().__init__(server, reader, writer, version)
+        self._activity = activity
+        if activity is not None:
+            activity.attach(self)
+
+    # -- what the session's activity account asks (see .activity.ChannelActivity) -------------------------
+
+    def open_files(self) -> int:
+        return len(self._file_handles)
+
+    def output_pending(self) -> bool:
+        writer = self._writer
+        return writer is not None and writer.channel.get_write_buffer_size() > 0
+
+    async def _process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        activity = self._activity
+        if activity is None:
+            await super()._process_packet(pkttype, pktid, packet)
+            return
+        activity.request_started()
+        try:
+            await super()._process_packet(pkttype, pktid, packet)
+        finally:
+            activity.request_ended()
 
     async def _process_lenient_write(self, packet: SSHPacket) -> int:
         handle = packet.get_string()
@@ -108,6 +141,8 @@ class LibrarySFTPHandler(SFTPServerHandler):
     }
 
     async def _cleanup(self, exc: Exception | None) -> None:
+        if self._activity is not None:
+            self._activity.detach(self)
         server = self._server
         if isinstance(server, LibrarySFTPServer):
             server.ending = True
@@ -131,7 +166,13 @@ class LibrarySession(SSHServerStreamSession[bytes]):
         # No session factory and no SCP: shell and exec requests are refused by the base class.
         super().__init__(None, sftp_factory=factory, sftp_version=SFTP_VERSION, allow_scp=False)
         self._info = session
-        self._info_tasks: set[asyncio.Task[None]] = set()
+        self._runtime = runtime
+        self._activity = runtime.sessions.get(session.session_id)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._activity is not None:
+            self._activity.touched()  # a request arriving, however slowly, is not idleness
+        super().data_received(data, datatype)
 
     def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
         return False
@@ -144,7 +185,7 @@ class LibrarySession(SSHServerStreamSession[bytes]):
         reader: SSHReader[bytes] = SSHReader(self, chan)
         writer: SSHWriter[bytes] = SSHWriter(self, chan)
         server = cast(LibrarySFTPServer, self._init_sftp_server())
-        handler = LibrarySFTPHandler(server, reader, writer, SFTP_VERSION)
+        handler = LibrarySFTPHandler(server, reader, writer, SFTP_VERSION, self._activity)
         # Every log line this session causes carries its id, user and peer: bind them in a context of the
         # session's own task (binding in a protocol callback would leak into every later connection).
         context = contextvars.copy_context()
@@ -153,8 +194,7 @@ class LibrarySession(SSHServerStreamSession[bytes]):
             session=self._info.session_id, user=self._info.user, peer=self._info.peer,
         )
         task = asyncio.get_running_loop().create_task(handler.run(), context=context)
-        self._info_tasks.add(task)
-        task.add_done_callback(self._info_tasks.discard)
+        self._runtime.track_task(task)  # a stop waits for it: a session's end audits and discards uploads
 
 
 class LibrarySSHServer(asyncssh.SSHServer):
@@ -240,7 +280,7 @@ class LibrarySSHServer(asyncssh.SSHServer):
         self._admission.add_done_callback(lambda task: None if _admitted(task) else conn.close())
 
     def session_requested(self) -> LibrarySession | bool | Coroutine[Any, Any, LibrarySession]:
-        if self._user is None:
+        if self._user is None or self._runtime.stopping:
             return False
         if self._admission is not None and not self._admission.done():
             return self._session_once_admitted(self._admission)
