@@ -368,7 +368,8 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
         install(snapshot, on, estate=estate)
         installs.append((time.time(), time.perf_counter() - started))
 
-    runtime.install_policy = timed_install  # type: ignore[method-assign]  # before the watcher task first runs
+    runtime.install_policy = timed_install  # type: ignore[method-assign]
+    service.policies._install = timed_install  # the service's watcher took the bound method at start
     print(f"service started in {time.perf_counter() - t0:.1f} s (start-up load in a thread); "
           f"service RSS {mib(rss_bytes())} MiB", flush=True)
     runtime._catalogue = catalogue_of(shape)  # the benchmark stands in for the database
@@ -421,7 +422,7 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
                                                ticker, client.pid, service.reload_event.set, args))
         if args.thread_too:
             for task in service.tasks:  # the service's own watcher would notice the edit and reload it too
-                if task.get_coro().__name__ == "_watch_policies":  # type: ignore[union-attr]
+                if task.get_coro().__qualname__ == "PolicyReloader.run":  # type: ignore[union-attr]
                     task.cancel()
             reloader = PolicyReloader(policies, runtime.snapshot, runtime.install_policy, lambda e, d: None,
                                       settings=ReloadSettings(process_threshold_bytes=1 << 62))

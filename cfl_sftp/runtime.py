@@ -132,7 +132,7 @@ class Runtime:
         package sees the new values; users' views depend on ``admitted_purposes``, so they are rebuilt.
         """
         self.deployment.config = config
-        self._views = {}
+        self._drop_views()
 
     @property
     def snapshot(self) -> PolicySnapshot:
@@ -148,7 +148,7 @@ class Runtime:
         estate = estate or build_estate_view(snapshot, on or dt.datetime.now(dt.UTC).date())
         previous = self._snapshot
         self._snapshot, self._estate = snapshot, estate
-        self._views, self._folders = {}, {}
+        self._drop_views()
         settle_heap()
         for user in list(self._connections):
             now, before = snapshot.user(user), previous.user(user)
@@ -166,6 +166,10 @@ class Runtime:
             catalogue = load_catalogue(session)
         self._catalogue = catalogue
         self._library_paths = library_paths(catalogue)
+        self._drop_views()
+
+    def _drop_views(self) -> None:
+        """Every user's tree is rebuilt at its next request (policy, catalogue or ``[gateway]`` changed)."""
         self._views, self._folders = {}, {}
 
     def library_changed(self) -> None:

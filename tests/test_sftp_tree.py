@@ -11,12 +11,14 @@ import hashlib
 import inspect
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import asyncssh
 import pytest
 from asyncssh.sftp import SFTPLimits
 
+from cfl_sftp.domain.model import Purpose
 from cfl_sftp.sftp.server import LibrarySFTPServer
 from tests.factory import PackageSpec, build, image_of, manifest_of
 from tests.sftp_support import (
@@ -487,6 +489,19 @@ async def test_first_listings_at_once_by_users_of_one_organisation_with_differen
         assert gas_images == [".", "..", "index.json"]  # gas-supplier: no ESME; the CHF model is southern's
         assert "release-notes.md" in await ops.listdir(IMAGE_DIR)
         assert await sftp_status(gas.stat(IMAGE_DIR)) == FX_NO_SUCH_FILE
+
+
+async def test_a_reloaded_gateway_section_changes_the_images_an_open_session_lists(seeded_server: SftpServer) -> None:
+    """``admitted_purposes`` is part of entitlement (SPEC 2): a SIGHUP that narrows it rebuilds every tree, the
+    trees shared by users of one organisation and role set included."""
+    runtime = seeded_server.service.runtime
+    async with seeded_server.sftp("northern-ops") as sftp:
+        assert "ESME" in await sftp.listdir("/images")
+        config = runtime.deployment.config
+        runtime.install_config(replace(config, gateway=replace(config.gateway,
+                                                                admitted_purposes=frozenset({Purpose.COMPLIANCE}))))
+        assert "ESME" not in await sftp.listdir("/images")  # the seeded image is a security-fix
+        assert await sftp_status(sftp.stat(IMAGE_PATH)) == FX_NO_SUCH_FILE
 
 
 async def test_southern_supplier_does_not_see_the_esme_image_anywhere(seeded_server: SftpServer) -> None:

@@ -145,6 +145,12 @@ class DataFolder:
             return
         _janitor.submit(target.unlink, missing_ok=True)
 
+    @staticmethod
+    def wait_for_discards() -> None:
+        """Block until every file discarded so far is gone (the janitor works in order): for whoever must see
+        the folders settled, such as a check that no plaintext is left on disk."""
+        _janitor.submit(lambda: None).result()
+
     def new_tmp_path(self, suffix: str) -> Path:
         return self._scratch(self.tmp) / f"{secrets.token_hex(16)}.{suffix}"
 
