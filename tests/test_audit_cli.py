@@ -79,6 +79,7 @@ def test_verify_of_an_untouched_trail_exits_0_and_reports_uncovered_entries(td: 
     assert "seq 9 to 11 (3 entries) not yet covered by a checkpoint" in result.stdout
 
 
+@pytest.mark.sqlite_only
 def test_verify_of_a_changed_entry_exits_1_naming_its_seq(td: DeploymentUnderTest) -> None:
     append(td, 10)
     checkpoint(td)
@@ -91,6 +92,7 @@ def test_verify_of_a_changed_entry_exits_1_naming_its_seq(td: DeploymentUnderTes
     assert "audit trail does not verify: first bad entry: seq 4 " in result.stderr
 
 
+@pytest.mark.sqlite_only
 def test_verify_of_a_removed_entry_exits_1_naming_its_seq(td: DeploymentUnderTest) -> None:
     import sqlite3
 
@@ -133,6 +135,7 @@ def test_verify_refuses_an_audit_key_others_can_read(td: DeploymentUnderTest) ->
     assert "chmod 600" in result.stderr
 
 
+@pytest.mark.sqlite_only
 def test_prove_prints_the_proof_as_json(td: DeploymentUnderTest) -> None:
     append(td, 9)
     checkpoint(td)
@@ -159,6 +162,7 @@ def test_prove_exits_1_when_no_checkpoint_covers_the_entry(td: DeploymentUnderTe
     assert "no checkpoint covers seq 4" in result.stderr
 
 
+@pytest.mark.sqlite_only
 def test_export_prints_the_exact_bytes_from_a_seq_or_a_time(
     td: DeploymentUnderTest, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:

@@ -270,6 +270,7 @@ def test_verify_streams_in_small_batches_and_reports_progress(
 # -- verify: tampering ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_changed_entry_is_named(td: DeploymentUnderTest) -> None:
     upload_packages(td, 2)
     append(td, 10)
@@ -282,6 +283,7 @@ def test_changed_entry_is_named(td: DeploymentUnderTest) -> None:
     assert "seq 7" in str(problem)
 
 
+@pytest.mark.sqlite_only
 def test_changed_package_entry_is_named(td: DeploymentUnderTest) -> None:
     upload_packages(td, 3)
     checkpoint(td)
@@ -289,6 +291,7 @@ def test_changed_package_entry_is_named(td: DeploymentUnderTest) -> None:
     assert failure(td).first_bad == 2
 
 
+@pytest.mark.sqlite_only
 def test_changed_entry_with_a_matching_leaf_hash_is_located_between_checkpoints(td: DeploymentUnderTest) -> None:
     append(td, 4)
     checkpoint(td)
@@ -304,6 +307,7 @@ def test_changed_entry_with_a_matching_leaf_hash_is_located_between_checkpoints(
     assert "between seq 5 and seq 12" in str(problem)
 
 
+@pytest.mark.sqlite_only
 def test_removed_entry_is_named(td: DeploymentUnderTest) -> None:
     append(td, 12)
     checkpoint(td)
@@ -316,6 +320,7 @@ def test_removed_entry_is_named(td: DeploymentUnderTest) -> None:
     assert "seq 7 (missing" in str(problem)
 
 
+@pytest.mark.sqlite_only
 def test_removed_entry_with_later_ones_renumbered_is_named(td: DeploymentUnderTest) -> None:
     append(td, 12)
     checkpoint(td)
@@ -327,6 +332,7 @@ def test_removed_entry_with_later_ones_renumbered_is_named(td: DeploymentUnderTe
     assert failure(td).first_bad == 7
 
 
+@pytest.mark.sqlite_only
 def test_removed_newest_entries_are_named(td: DeploymentUnderTest) -> None:
     append(td, 12)
     checkpoint(td)
@@ -336,6 +342,8 @@ def test_removed_newest_entries_are_named(td: DeploymentUnderTest) -> None:
     assert failure(td).first_bad == 11
 
 
+@pytest.mark.sqlite_only
+@pytest.mark.sqlite_only
 def test_inserted_entry_is_named(td: DeploymentUnderTest) -> None:
     append(td, 12)
     checkpoint(td)
@@ -353,6 +361,8 @@ def test_inserted_entry_is_named(td: DeploymentUnderTest) -> None:
     assert "seq 7" in str(problem)
 
 
+@pytest.mark.sqlite_only
+@pytest.mark.sqlite_only
 def test_swapped_entries_are_named(td: DeploymentUnderTest) -> None:
     append(td, 12)
     checkpoint(td)
@@ -364,6 +374,7 @@ def test_swapped_entries_are_named(td: DeploymentUnderTest) -> None:
     assert failure(td).first_bad == 6
 
 
+@pytest.mark.sqlite_only
 def test_reordered_rows_are_named(td: DeploymentUnderTest) -> None:
     append(td, 12)
     checkpoint(td)
@@ -375,6 +386,7 @@ def test_reordered_rows_are_named(td: DeploymentUnderTest) -> None:
     assert failure(td).first_bad == 6
 
 
+@pytest.mark.sqlite_only
 def test_entry_before_the_last_good_checkpoint_is_proven_untouched(td: DeploymentUnderTest) -> None:
     append(td, 5)
     checkpoint(td)
@@ -390,6 +402,7 @@ def test_entry_before_the_last_good_checkpoint_is_proven_untouched(td: Deploymen
     assert "checkpoint 5 proves seq 1 to 5" in str(problem)
 
 
+@pytest.mark.sqlite_only
 def test_changed_entry_after_the_newest_checkpoint_fails_against_the_tree_head(td: DeploymentUnderTest) -> None:
     append(td, 5)
     checkpoint(td)
@@ -402,6 +415,8 @@ def test_changed_entry_after_the_newest_checkpoint_fails_against_the_tree_head(t
     assert "newer than every checkpoint" in str(problem)
 
 
+@pytest.mark.sqlite_only
+@pytest.mark.sqlite_only
 def test_row_added_after_the_tree_head_is_named(td: DeploymentUnderTest) -> None:
     append(td, 5)
     checkpoint(td)
@@ -416,6 +431,7 @@ def test_row_added_after_the_tree_head_is_named(td: DeploymentUnderTest) -> None
     assert "not appended by the service" in str(problem)
 
 
+@pytest.mark.sqlite_only
 def test_a_changed_leaf_hash_column_alone_is_only_a_warning(td: DeploymentUnderTest) -> None:
     append(td, 6)
     checkpoint(td)
@@ -429,6 +445,7 @@ def test_a_changed_leaf_hash_column_alone_is_only_a_warning(td: DeploymentUnderT
     assert "seq 3" in report.warnings[0]
 
 
+@pytest.mark.sqlite_only
 def test_checkpoint_with_a_bad_signature_fails(td: DeploymentUnderTest) -> None:
     append(td, 6)
     note = checkpoint(td).note
@@ -444,6 +461,7 @@ def test_checkpoint_with_a_bad_signature_fails(td: DeploymentUnderTest) -> None:
     assert "checkpoint 6 does not verify" in str(problem)
 
 
+@pytest.mark.sqlite_only
 def test_checkpoint_stored_under_another_size_fails(td: DeploymentUnderTest) -> None:
     append(td, 6)
     checkpoint(td)
@@ -484,6 +502,7 @@ def test_checkpoint_signed_by_another_key_fails(td: DeploymentUnderTest, tmp_pat
 
 
 @pytest.mark.parametrize("seq", [1, 2, 6, 11, 13])
+@pytest.mark.sqlite_only
 def test_proof_checks_with_plain_hashlib_against_the_signed_checkpoint(td: DeploymentUnderTest, seq: int) -> None:
     upload_packages(td, 2)
     append(td, 11)
@@ -524,6 +543,7 @@ def test_no_proof_without_a_checkpoint(td: DeploymentUnderTest) -> None:
         prove_entry(td.deployment, 1)
 
 
+@pytest.mark.sqlite_only
 def test_no_proof_for_a_trail_that_does_not_verify(td: DeploymentUnderTest) -> None:
     append(td, 8)
     checkpoint(td)
@@ -583,6 +603,7 @@ def test_since_accepts_seq_and_rfc_3339_only() -> None:
 # -- the /audit folder ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 async def test_audit_folder_resolves_only_names_it_lists(td: DeploymentUnderTest) -> None:
     append(td, 3, T0)
     checkpoint(td)
@@ -787,6 +808,7 @@ def _upload(td: DeploymentUnderTest, package: bytes) -> None:
     job.complete()
 
 
+@pytest.mark.sqlite_only
 def test_database_file_holds_no_audit_key(td: DeploymentUnderTest) -> None:
     append(td, 3)
     checkpoint(td)

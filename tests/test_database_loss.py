@@ -247,6 +247,7 @@ def short_busy_timeout(td: DeploymentUnderTest) -> None:
     td.deployment.db = Database(td.deployment.config.database_url, sqlite_busy_seconds=0.2)
 
 
+@pytest.mark.sqlite_only
 async def test_entries_queued_during_an_outage_are_written_after_it_with_their_own_time(
     td: DeploymentUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -279,6 +280,7 @@ async def test_the_queue_is_bounded_and_counts_what_it_drops(
     assert [e["details"]["n"] for e in audit_entries(td)] == [0, 1, 2]
 
 
+@pytest.mark.sqlite_only
 async def test_an_empty_queue_probes_the_database_to_end_an_outage(td: DeploymentUnderTest) -> None:
     short_busy_timeout(td)
     writer = AuditWriter(td.deployment.db)

@@ -30,12 +30,6 @@ from tests.factory import OMIT, Member, PackageSpec, build, image_of, new_ed2551
 ACME = Uploader("acme-release", "acme-meters", "127.0.0.1:50000")
 
 
-@pytest.fixture
-def td(td_any_db: DeploymentUnderTest) -> DeploymentUnderTest:
-    """Every gateway test that takes ``td`` runs on SQLite and on PostgreSQL."""
-    return td_any_db
-
-
 def upload(td: DeploymentUnderTest, package: bytes, name: str = "pkg.cfl", who: Uploader = ACME,
            piece: int = 64 * 1024) -> Receipt:
     job = PackageUpload(td.deployment, who, name)
