@@ -79,13 +79,14 @@ class ListedFile:
 
 
 def settle_heap() -> None:
-    """Exempt the objects alive now, the policy set just put in force above all, from garbage collection.
+    """Exempt what is alive at start-up (modules, the first policy set) from garbage collection, once per process
+    (``serve`` calls it once the service has started).
 
-    A full collection walks every tracked object while holding the GIL, so the event loop waits for it: with a
-    large policy set in memory that was the longest stall of a reload. The set is immutable and acyclic, so
-    the collector can never free any of it; when a later set replaces it, reference counting frees it as
-    before. What this costs: cyclic garbage that happens to be alive at this moment is never collected, a few
-    kilobytes per reload at most. ``gc.freeze`` itself is O(1).
+    A full collection walks every tracked object while holding the GIL, so the event loop waits for it. Called
+    once, before any session, this costs nothing: there is no cyclic garbage to strand. It is not repeated
+    at each policy install, because whatever cyclic garbage were alive then (closed SSH connections waiting for
+    the collector) would never be freed; later sets are cheap to walk anyway, as their estates are arrays.
+    ``gc.freeze`` itself is O(1).
     """
     gc.freeze()
 
@@ -117,7 +118,6 @@ class Runtime:
         self.guard = AbuseGuard(lambda: self.deployment.config.limits, self.audit_soon, deployment.db)
         # The gateway asks the deployment for the policy in force: make that this runtime's snapshot.
         deployment.policy = lambda: self._snapshot
-        settle_heap()
 
     # -- policy and catalogue --------------------------------------------------------------------------
 
@@ -149,7 +149,6 @@ class Runtime:
         previous = self._snapshot
         self._snapshot, self._estate = snapshot, estate
         self._drop_views()
-        settle_heap()
         for user in list(self._connections):
             now, before = snapshot.user(user), previous.user(user)
             # Gone, disabled, or moved to another organisation (its sessions act for the old one): close.

@@ -38,7 +38,7 @@ from cfl_sftp.domain.errors import PolicyError
 from cfl_sftp.logs import configure_logging
 from cfl_sftp.policy import PolicySnapshot, load_policy_set
 from cfl_sftp.policy.reloader import PolicyReloader
-from cfl_sftp.runtime import Runtime
+from cfl_sftp.runtime import Runtime, settle_heap
 from cfl_sftp.sdnotify import Notifier
 from cfl_sftp.sftp import activity
 from cfl_sftp.sftp.proxy import ProxyProtocolListener
@@ -462,6 +462,7 @@ async def _serve(config: Config) -> None:
     loop.add_signal_handler(signal.SIGHUP, hangup)
     notifier.status("Starting: opening the database and loading the policy set")
     service = await start(config, notifier=notifier)
+    settle_heap()  # the first policy set, loaded by start(), leaves the collector's scans
     running.append(service)
     notifier.ready(service.status_line())
     if hangup_pending.is_set():
