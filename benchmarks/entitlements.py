@@ -60,7 +60,7 @@ from cfl_sftp.domain.entitlement import build_estate_view
 from cfl_sftp.domain.model import DeviceModel, DeviceType, ImageRef, Purpose
 from cfl_sftp.logs import configure_logging
 from cfl_sftp.policy.reloader import PolicyReloader, ReloadSettings
-from cfl_sftp.runtime import settle_heap
+from cfl_sftp.runtime import TreeCache, settle_heap
 from cfl_sftp.service import RunningService, start
 from tests.deployments import HEADER, make_deployment
 
@@ -388,8 +388,7 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
     service.policies._install = timed_install  # the service's watcher took the bound method at start
     print(f"service started in {time.perf_counter() - t0:.1f} s (start-up load in a thread); "
           f"service RSS {mib(rss_bytes())} MiB", flush=True)
-    runtime._catalogue = catalogue_of(shape)  # the benchmark stands in for the database
-    runtime._views, runtime._folders = {}, {}
+    runtime._trees = TreeCache(catalogue_of(shape))  # the benchmark stands in for the database
 
     snapshot = runtime.snapshot
     today = dt.datetime.now(dt.UTC).date()
@@ -403,7 +402,7 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
     user = shape.user(CLIENT_USER_INDEX)
     view_times = []
     for _ in range(3):
-        runtime._views, runtime._folders = {}, {}
+        runtime._drop_views()
         t0 = time.perf_counter()
         view = await runtime.view_for(user)  # what a user's first request waits for (built in a worker thread)
         view_times.append(time.perf_counter() - t0)

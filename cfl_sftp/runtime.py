@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import gc
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
@@ -91,6 +92,28 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+FolderKey = tuple[str, frozenset[Role]]
+"""An organisation and a role set: everything entitlement reads of a user."""
+
+
+@dataclass(frozen=True, slots=True)
+class TreeCache:
+    """The library catalogue and the users' trees built from it, replaced as one reference: a catalogue refresh
+    runs in a worker thread, and must never leave a new catalogue paired with trees built from the old one."""
+
+    catalogue: Catalogue
+    views: dict[str, UserView | None] = field(default_factory=dict)
+    folders: dict[FolderKey, asyncio.Future[EntitledFolders]] = field(default_factory=dict)
+
+
+def _forget_failed_build(
+    folders: dict[FolderKey, asyncio.Future[EntitledFolders]], key: FolderKey, done: asyncio.Future[EntitledFolders]
+) -> None:
+    """A build that failed is not cached: the next request tries again."""
+    if (done.cancelled() or done.exception() is not None) and folders.get(key) is done:
+        del folders[key]
+
+
 class Runtime:
     """Everything the SFTP sessions of one node share."""
 
@@ -98,10 +121,8 @@ class Runtime:
         self.deployment = deployment
         self.staging = StagingArea(deployment)
         self._snapshot = snapshot
-        self._catalogue = Catalogue(version=(0, 0, 0), images=())
+        self._trees = TreeCache(Catalogue(version=(0, 0, 0), images=()))
         self._estate: EstateView = build_estate_view(snapshot, dt.datetime.now(dt.UTC).date())
-        self._views: dict[str, UserView | None] = {}
-        self._folders: dict[tuple[str, frozenset[Role]], asyncio.Future[EntitledFolders]] = {}
         self.credentials = auth.CredentialBook()
         self._uploads: dict[tuple[str, str], PackageHandle] = {}
         self._processed: dict[tuple[str, str], ProcessedName] = {}
@@ -160,16 +181,15 @@ class Runtime:
         """Blocking: load the catalogue if the library changed (worker thread or start-up)."""
         with self.deployment.db.reading() as session:
             version = library_version(session)
-            if version == self._catalogue.version:
+            if version == self._trees.catalogue.version:
                 return
             catalogue = load_catalogue(session)
-        self._catalogue = catalogue
         self._library_paths = library_paths(catalogue)
-        self._drop_views()
+        self._trees = TreeCache(catalogue)  # one reference: never a new catalogue with an old cache
 
     def _drop_views(self) -> None:
         """Every user's tree is rebuilt at its next request (policy, catalogue or ``[gateway]`` changed)."""
-        self._views, self._folders = {}, {}
+        self._trees = TreeCache(self._trees.catalogue)
 
     def library_changed(self) -> None:
         self.track_task(asyncio.ensure_future(asyncio.to_thread(self.refresh_catalogue_now)))
@@ -212,10 +232,11 @@ class Runtime:
         since entitlement reads nothing else of a user. A request that started under the old generation gets the
         view it asked for; only the current generation's cache is filled.
         """
-        views = self._views
+        trees = self._trees
+        views, folders = trees.views, trees.folders
         if username in views:
             return views[username]
-        snapshot, estate, catalogue, folders = self._snapshot, self._estate, self._catalogue, self._folders
+        snapshot, estate = self._snapshot, self._estate
         user = snapshot.user(username)
         organisation = snapshot.organisation(user.organisation) if user is not None else None
         if user is None or organisation is None:
@@ -228,7 +249,8 @@ class Runtime:
             if future is None:
                 admitted = self.deployment.config.gateway.admitted_purposes
                 future = folders[key] = asyncio.ensure_future(asyncio.to_thread(
-                    build_entitled_folders, snapshot, estate, catalogue, user, organisation, admitted))
+                    build_entitled_folders, snapshot, estate, trees.catalogue, user, organisation, admitted))
+                future.add_done_callback(functools.partial(_forget_failed_build, folders, key))
             images, updates = await asyncio.shield(future)
         view = UserView(
             user=username,

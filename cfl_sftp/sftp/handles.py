@@ -157,8 +157,12 @@ class PackageHandle:
         self._batch_bytes = 0
         self._in_flight: deque[asyncio.Future[None]] = deque()
         self._worker: ThreadPoolExecutor | None = None
+        self._failed: BaseException | None = None
+        self._feed_failed = False  # set by the worker thread
 
     async def write(self, offset: int, data: bytes) -> None:
+        if self._failed is not None:  # a batch was not fed: the package has a hole, and can only be abandoned
+            raise self._failed
         if offset != self.next_offset:
             # Never seen from real clients; refuse rather than guess (the close will reject the package).
             self.out_of_order = True
@@ -171,13 +175,28 @@ class PackageHandle:
 
     def _write_all(self, chunks: list[bytes]) -> None:
         # One piece per batch: the feed's per-call work (tar parsing, sealing, hashing) is paid per MiB, not per
-        # WRITE (32 KiB from OpenSSH's sftp); joining costs one memcpy.
-        self.upload.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        # WRITE (32 KiB from OpenSSH's sftp); joining costs one memcpy. After a failed batch nothing more is fed:
+        # the stream has a hole, and the upload can only be abandoned.
+        if self._feed_failed:
+            raise asyncssh.SFTPFailure("An earlier part of this package could not be stored")
+        try:
+            self.upload.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        except BaseException:
+            self._feed_failed = True
+            raise
 
     async def _flush(self) -> None:
         """Queue the batch for this upload's worker; wait for the oldest one once too many are queued."""
         while len(self._in_flight) >= UPLOAD_BATCHES_IN_FLIGHT:
-            await self._in_flight.popleft()
+            oldest = self._in_flight[0]
+            try:
+                await asyncio.shield(oldest)  # a cancelled WRITE leaves the batch tracked, for abort to wait on
+            except Exception as exc:
+                self._failed = exc
+                raise
+            finally:
+                if oldest.done() and self._in_flight and self._in_flight[0] is oldest:
+                    self._in_flight.popleft()
         if self._batch:
             batch, self._batch, self._batch_bytes = self._batch, [], 0
             if self._worker is None:
@@ -187,8 +206,11 @@ class PackageHandle:
 
     async def drain(self) -> None:
         """Feed what is left; raise the first error of any batch once every batch has finished."""
-        await self._flush()
+        if self._failed is None:
+            await self._flush()
         failures = [r for r in await self._settle() if isinstance(r, BaseException)]
+        if self._failed is not None:
+            raise self._failed
         if failures:
             raise failures[0]
 

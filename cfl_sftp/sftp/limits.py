@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 
 BAN_REFRESH_SECONDS = 0.5
 """How often a node reads the bans other nodes decided: a ban holds everywhere within about a second."""
+CLOSE_RETRY_SECONDS = 1.0
+"""How soon the removal of ended sessions' rows is tried again after the database refused it."""
 SWEEP_SECONDS = 15.0
 """How often a node drops dead nodes' sessions, ended bans and old failures."""
 
@@ -292,9 +294,11 @@ class SessionLedger:
                     for _, refused in opens:
                         if not refused.done():
                             refused.set_exception(exc)
-                    for _, unrecorded in closes:
-                        if not unrecorded.done():
-                            unrecorded.set_exception(exc)
+                    # A session that ended must stop counting, or its user stays short of sessions on every
+                    # node until this one restarts: its removal is retried until the database takes it.
+                    self._closes = closes + self._closes
+                    log.warning("session_rows_not_removed", sessions=len(closes), error=str(exc))
+                    await asyncio.sleep(CLOSE_RETRY_SECONDS)
                     continue
                 for (_, opened), count in zip(opens, counts, strict=True):
                     if not opened.done():
@@ -306,9 +310,15 @@ class SessionLedger:
             self._writing = None
 
     def _apply(self, opens: list[OpenSessionRow], closes: list[str]) -> list[int | None]:
+        """One transaction; on PostgreSQL each admission takes its user's advisory lock, so they are taken in
+        user order (two nodes' batches holding [a, b] and [b, a] would otherwise deadlock)."""
         limit = self._limit()
         live_after = self._clock() - dt.timedelta(seconds=NODE_LIVE_SECONDS)
+        order = sorted(range(len(opens)), key=lambda i: opens[i].user)
+        counts: list[int | None] = [None] * len(opens)
         with self._db.writing() as session:
             for session_id in closes:
                 limits_store.close_session(session, session_id)
-            return [limits_store.open_session(session, row, limit=limit, live_after=live_after) for row in opens]
+            for i in order:
+                counts[i] = limits_store.open_session(session, opens[i], limit=limit, live_after=live_after)
+        return counts
