@@ -108,8 +108,17 @@ class AuditWriter:
             return True
         for start in range(0, max(len(events), 1), MAX_BATCH):
             batch = events[start : start + MAX_BATCH]
+            writing = asyncio.ensure_future(asyncio.to_thread(self._write, batch))
             try:
-                await asyncio.to_thread(self._write, batch)
+                await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                # A stop cancelled the writer mid-flush: the batch in its thread may still commit, so wait for
+                # it, and keep every entry it did not write queued for the stop's final flush.
+                with contextlib.suppress(Exception):
+                    await writing
+                committed = not writing.cancelled() and writing.exception() is None
+                self._queue[:0] = events[start + len(batch) if committed else start :]
+                raise
             except Exception as exc:
                 if not self.availability.failed(exc, "audit"):
                     log.exception("audit_write_failed", entries=len(batch))

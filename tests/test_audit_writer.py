@@ -27,6 +27,25 @@ async def test_queued_events_share_commits_and_keep_seq_without_gaps(td: Deploym
     assert seqs == list(range(1, 121))
 
 
+async def test_a_flush_cancelled_by_a_stop_loses_nothing_and_writes_nothing_twice(td: DeploymentUnderTest) -> None:
+    """A stop cancels the writer, possibly in the middle of a long flush (a queue built up during an outage): the
+    entries it had not written yet stay queued for the stop's final flush."""
+    writer = AuditWriter(td.deployment.db)
+    total = 3 * 500 + 7  # several batches
+    for n in range(total):
+        writer.submit(AuditEvent("session-closed", f"user{n}", "org", "127.0.0.1:1", {"n": n}))
+    flushing = asyncio.ensure_future(writer.flush())
+    await asyncio.sleep(0)  # it has handed its first batch to a thread
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    assert await writer.flush(everything=True) is True
+    with td.deployment.db.reading() as session:
+        entries = list(session.execute(select(AuditEntryRow.seq, AuditEntryRow.entry).order_by(AuditEntryRow.seq)))
+    assert [seq for seq, _ in entries] == list(range(1, total + 1))
+    assert sorted(json.loads(raw)["details"]["n"] for _, raw in entries) == list(range(total))
+
+
 async def test_refusals_become_one_entry_per_address_and_minute(td: DeploymentUnderTest) -> None:
     writer = AuditWriter(td.deployment.db)
     minute = dt.datetime(2026, 11, 24, 9, 0, 10, tzinfo=dt.UTC)
