@@ -41,7 +41,7 @@ from cfl_sftp.policy.reloader import PolicyReloader
 from cfl_sftp.runtime import Runtime, settle_heap
 from cfl_sftp.sdnotify import Notifier
 from cfl_sftp.sftp import activity
-from cfl_sftp.sftp.proxy import ProxyProtocolListener
+from cfl_sftp.sftp.proxy import WAITING_CAP_REASON, ProxyProtocolListener
 from cfl_sftp.sftp.ssh import LibrarySSHServer
 from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.vault_admin import NODE_HEARTBEAT_SECONDS, node_stopped, record_node_heartbeat
@@ -392,7 +392,10 @@ async def start(config: Config, deployment: Deployment | None = None, notifier: 
     extra: dict[str, object] = {}
     if config.proxy_protocol:
         extra["tunnel"] = ProxyProtocolListener(
-            lambda address, reason: runtime.guard.refuse_connection(address, "bad-proxy-header"))
+            lambda address, reason: runtime.guard.refuse_connection(
+                address, reason if reason == WAITING_CAP_REASON else "bad-proxy-header"),
+            cap=lambda: runtime.limits.unauthenticated_connections,
+        )
     for address in config.listen:
         host, port = parse_listen(address)
         servers.append(

@@ -201,6 +201,31 @@ async def test_a_connection_without_a_header_gets_no_banner_and_is_audited(tmp_p
         await server.service.stop()
 
 
+async def test_connections_waiting_for_their_header_count_towards_the_unauthenticated_cap(tmp_path: Path) -> None:
+    """A flood of connections that send no header must not hold sockets past ``unauthenticated_connections``."""
+    server = await start_proxied(tmp_path, {"unauthenticated_connections": "2"})
+    waiting = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+    try:
+        assert await closes_without_banner(server, b"") == b""  # the third is closed at once
+        refused = await server.wait_for_audit("session-refused")
+        assert [e["details"]["reason"] for e in refused] == ["unauthenticated-connections"]
+        for _, writer in waiting:  # once those go, a real client gets in again
+            writer.close()
+            await writer.wait_closed()
+        for _ in range(50):
+            try:
+                async with await connect_via(server, v2_header("203.0.113.9", 1), "northern-ops"):
+                    break
+            except (OSError, asyncssh.Error):
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("no login once the waiting connections had gone")
+    finally:
+        for _, writer in waiting:
+            writer.close()
+        await server.service.stop()
+
+
 async def test_a_header_not_finished_in_time_is_closed_without_banner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -232,12 +232,27 @@ ConnectionFactory = Callable[[str, int], Any]
 """asyncssh's factory for a new SSH connection (an ``asyncio.Protocol``), given the original host and port."""
 
 
+WAITING_CAP_REASON = "unauthenticated-connections"
+"""The reason given to the refusal hook when too many connections are still waiting for their header."""
+
+
+class _Waiting:
+    """Connections of one listener whose header has not arrived: they hold a socket each, and count towards the
+    node's ``unauthenticated_connections`` cap like a connection still in its SSH handshake."""
+
+    def __init__(self, cap: Callable[[], int]) -> None:
+        self.cap = cap
+        self.count = 0
+
+
 class _HeaderReader(asyncio.Protocol):
     """Reads one PROXY header, then gives the transport to a new asyncssh connection."""
 
-    def __init__(self, factory: ConnectionFactory, refused: RefusalHook, timeout: float) -> None:
+    def __init__(self, factory: ConnectionFactory, refused: RefusalHook, timeout: float, waiting: _Waiting) -> None:
         self._factory = factory
         self._refused = refused
+        self._waiting = waiting
+        self._counted = False
         self._timeout = timeout
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
@@ -252,12 +267,23 @@ class _HeaderReader(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)  # a TCP server makes stream transports only
         self._transport = transport
+        if self._waiting.count >= self._waiting.cap():
+            self._refuse(WAITING_CAP_REASON, "too many connections waiting for their PROXY header")
+            return
+        self._waiting.count += 1
+        self._counted = True
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._timed_out)
 
-    def _refuse(self, reason: str, message: str) -> None:
+    def _stop_waiting(self) -> None:
         self._done = True
+        if self._counted:
+            self._counted = False
+            self._waiting.count -= 1
         if self._timer is not None:
             self._timer.cancel()
+
+    def _refuse(self, reason: str, message: str) -> None:
+        self._stop_waiting()
         peer = self._tcp_peer()
         log.warning("proxy_header_refused", peer=f"{peer[0]}:{peer[1]}", reason=reason, message=message,
                     bytes_received=len(self._buffer))
@@ -282,9 +308,7 @@ class _HeaderReader(asyncio.Protocol):
             self._hand_over(header)
 
     def _hand_over(self, header: ProxyHeader) -> None:
-        self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._stop_waiting()  # from here the SSH layer's own cap counts it until it authenticates
         transport = self._transport
         assert transport is not None
         peer = header.source or self._tcp_peer()
@@ -300,9 +324,9 @@ class _HeaderReader(asyncio.Protocol):
         return None  # close: a connection that ends before its header is finished is simply gone
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if not self._done and self._buffer:
+        done = self._done
+        self._stop_waiting()
+        if not done and self._buffer:
             peer = self._tcp_peer()
             log.info("proxy_header_incomplete", peer=f"{peer[0]}:{peer[1]}", bytes_received=len(self._buffer))
 
@@ -334,8 +358,9 @@ class ProxyProtocolListener:
     """``asyncssh.create_server(tunnel=ProxyProtocolListener(...))``: TCP connections that start with a PROXY
     header (asyncssh calls :meth:`create_server` with its own connection factory)."""
 
-    def __init__(self, refused: RefusalHook, timeout: float | None = None) -> None:
+    def __init__(self, refused: RefusalHook, cap: Callable[[], int], timeout: float | None = None) -> None:
         self._refused = refused
+        self._waiting = _Waiting(cap)
         self._timeout = timeout
 
     async def create_server(self, session_factory: ConnectionFactory, listen_host: str,
@@ -343,7 +368,8 @@ class ProxyProtocolListener:
         timeout = self._timeout if self._timeout is not None else HEADER_TIMEOUT_SECONDS
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: _HeaderReader(session_factory, self._refused, timeout), listen_host or None, listen_port,
+            lambda: _HeaderReader(session_factory, self._refused, timeout, self._waiting), listen_host or None,
+            listen_port,
             backlog=100,
         )
         return ProxiedServer(server)
