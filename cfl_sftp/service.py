@@ -195,6 +195,7 @@ class RunningService:
         writer_task = self.tasks[-1]  # the audit writer: it keeps going until the last entries are queued
         await _cancel([*self.tasks[:-1], *([self._reloading] if self._reloading is not None else [])])
         unfinished = await runtime.wait_for_tasks(SESSION_END_SECONDS)
+        unfinished += await runtime.guard.settle(SESSION_END_SECONDS)
         if unfinished:
             log.warning("session_tasks_unfinished", tasks=unfinished)
         await _cancel([writer_task])  # before the last flush: no batch of its own may land after the checkpoint

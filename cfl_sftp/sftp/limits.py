@@ -132,6 +132,14 @@ class AbuseGuard:
                 log.exception("limits_refresh_failed")
             await asyncio.sleep(BAN_REFRESH_SECONDS)
 
+    async def settle(self, timeout: float) -> int:
+        """At stop: wait (bounded) for the database work of ended sessions and failed logins, whose audit entries
+        (``address-banned``) must be queued before the last flush. Returns how many are still running."""
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        return len(pending)
+
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
