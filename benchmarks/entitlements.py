@@ -388,7 +388,7 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
     service.policies._install = timed_install  # the service's watcher took the bound method at start
     print(f"service started in {time.perf_counter() - t0:.1f} s (start-up load in a thread); "
           f"service RSS {mib(rss_bytes())} MiB", flush=True)
-    runtime._trees = TreeCache(catalogue_of(shape))  # the benchmark stands in for the database
+    runtime._trees = TreeCache.of(catalogue_of(shape))  # the benchmark stands in for the database
 
     snapshot = runtime.snapshot
     today = dt.datetime.now(dt.UTC).date()
@@ -412,7 +412,7 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
           f"estate view build {estate_view_s * 1000:.0f} ms; timeline pickle {mib(len(pickled))} MiB, "
           f"unpickle {unpickle_s * 1000:.0f} ms", flush=True)
     print(f"one user's view of {shape.images} images ({user}): {min(view_times) * 1000:.0f} ms "
-          f"(min of 3; index.json {len(view.images.children['index.json'].content):,} bytes)", flush=True)  # type: ignore[union-attr]
+          f"(min of 3; index.json {len(view.images.sight.index.content):,} bytes)", flush=True)  # type: ignore[union-attr]
 
     ticker = Ticker()
     ticker_task = asyncio.create_task(ticker.run())

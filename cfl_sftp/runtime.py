@@ -43,6 +43,7 @@ from cfl_sftp.sftp.handles import (
 from cfl_sftp.sftp.limits import AbuseGuard
 from cfl_sftp.sftp.tree import (
     ImageFile,
+    LibraryTree,
     ManifestFile,
     Node,
     ReleaseNoteFile,
@@ -102,8 +103,15 @@ class TreeCache:
     runs in a worker thread, and must never leave a new catalogue paired with trees built from the old one."""
 
     catalogue: Catalogue
+    library: LibraryTree
+    """The catalogue laid out as folders, shared by every view (kept when only the policy changes)."""
     views: dict[str, UserView | None] = field(default_factory=dict)
     folders: dict[FolderKey, asyncio.Future[EntitledFolders]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, catalogue: Catalogue) -> TreeCache:
+        """A new catalogue's cache (O(images): call it where the catalogue was loaded, off the loop)."""
+        return cls(catalogue, LibraryTree.of(catalogue))
 
 
 def _forget_failed_build(
@@ -121,7 +129,7 @@ class Runtime:
         self.deployment = deployment
         self.staging = StagingArea(deployment)
         self._snapshot = snapshot
-        self._trees = TreeCache(Catalogue(version=(0, 0, 0), images=()))
+        self._trees = TreeCache.of(Catalogue(version=(0, 0, 0), images=()))
         self._estate: EstateView = build_estate_view(snapshot, dt.datetime.now(dt.UTC).date())
         self.credentials = auth.CredentialBook()
         self._uploads: dict[tuple[str, str], PackageHandle] = {}
@@ -185,11 +193,11 @@ class Runtime:
                 return
             catalogue = load_catalogue(session)
         self._library_paths = library_paths(catalogue)
-        self._trees = TreeCache(catalogue)  # one reference: never a new catalogue with an old cache
+        self._trees = TreeCache.of(catalogue)  # one reference: never a new catalogue with an old cache
 
     def _drop_views(self) -> None:
         """Every user's tree is rebuilt at its next request (policy, catalogue or ``[gateway]`` changed)."""
-        self._trees = TreeCache(self._trees.catalogue)
+        self._trees = TreeCache(self._trees.catalogue, self._trees.library)
 
     def library_changed(self) -> None:
         self.track_task(asyncio.ensure_future(asyncio.to_thread(self.refresh_catalogue_now)))
@@ -249,7 +257,7 @@ class Runtime:
             if future is None:
                 admitted = self.deployment.config.gateway.admitted_purposes
                 future = folders[key] = asyncio.ensure_future(asyncio.to_thread(
-                    build_entitled_folders, snapshot, estate, trees.catalogue, user, organisation, admitted))
+                    build_entitled_folders, snapshot, estate, trees.library, user, organisation, admitted))
                 future.add_done_callback(functools.partial(_forget_failed_build, folders, key))
             images, updates = await asyncio.shield(future)
         view = UserView(

@@ -152,7 +152,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
         for part in parts[1:]:
             if not isinstance(node, Folder):
                 return None
-            node = node.children.get(part)
+            node = node.child(part)
         return node
 
     def _is_incoming(self, parts: tuple[str, ...], view: UserView) -> bool:
@@ -272,7 +272,7 @@ class LibrarySFTPServer(asyncssh.SFTPServer):
             node = self._resolve_tree(view, parts)
             if not isinstance(node, Folder):
                 raise no_such_file()
-            return self._names([(name, _node_attrs(child)) for name, child in sorted(node.children.items())])
+            return self._names([(name, _node_attrs(child)) for name, child in node.entries()])
         if len(parts) != 1:
             if head == "audit":
                 return self._runtime.audit_listing(parts)

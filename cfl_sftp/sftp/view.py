@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from cfl_sftp.catalogue import Catalogue
 from cfl_sftp.domain.entitlement import EstateView, is_entitled, is_update
 from cfl_sftp.domain.model import Purpose, Role
 from cfl_sftp.policy import PolicySnapshot
 from cfl_sftp.policy.snapshot import Organisation, User
-from cfl_sftp.sftp.tree import Folder, build_library_folder
+from cfl_sftp.sftp.tree import Entitlement, Folder, LibraryTree, entitled_folder
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +38,13 @@ class UserView:
         return names
 
 
-EntitledFolders = tuple[Folder | None, Folder | None]
+EntitledFolders = tuple[Folder, Folder]
 
 
 def build_entitled_folders(  # noqa: PLR0917 - one generation's inputs, captured together by the caller
     snapshot: PolicySnapshot,
     estate: EstateView,
-    catalogue: Catalogue,
+    library: LibraryTree,
     user: User,
     organisation: Organisation,
     admitted: Collection[Purpose],
@@ -55,13 +54,17 @@ def build_entitled_folders(  # noqa: PLR0917 - one generation's inputs, captured
     Entitlement reads nothing of a user but its roles, so every user of one organisation with the same roles
     shares the result.
     """
+    images = library.images
     entitled = [
-        image
-        for image in catalogue.images
+        position
+        for position, image in enumerate(images)
         if is_entitled(user, organisation, snapshot.roles, estate, image.device_type, image.device_model,
                        image.purpose, admitted)
     ]
+    newer = [p for p in entitled if is_update(estate, organisation.id, images[p].device_model,
+                                              images[p].firmware_version)]
     reads_notes = Role.RELEASE_NOTES in user.roles
-    images = build_library_folder(entitled, with_notes=reads_notes, with_index=True)
-    newer = [i for i in entitled if is_update(estate, organisation.id, i.device_model, i.firmware_version)]
-    return images, build_library_folder(newer, with_notes=reads_notes, with_index=False)
+    return (
+        entitled_folder(Entitlement.of(library, entitled, with_notes=reads_notes, with_index=True)),
+        entitled_folder(Entitlement.of(library, newer, with_notes=reads_notes, with_index=False)),
+    )
