@@ -6,6 +6,7 @@ are relative to the file's own folder, so a deployment directory can be moved as
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cfl_sftp.domain.model import Purpose
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CONFIG_ENV = "CFL_SFTP_CONFIG"
 DEFAULT_CONFIG_NAME = "cfl-sftp.toml"
@@ -56,6 +59,8 @@ class Config:
     base_dir: Path
     listen: tuple[str, ...] = ("127.0.0.1:2222",)
     proxy_protocol: bool = False
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    """Where PROXY headers are believed from; empty: from any peer (the port must then be firewalled)."""
     host_keys: tuple[Path, ...] = ()
     data_dir: Path = Path("data")
     database_url: str = ""
@@ -80,7 +85,7 @@ class Config:
 
 
 _TOP_KEYS = {
-    "listen", "proxy_protocol", "host_keys", "data_dir", "database_url", "policies_dir", "vault_key",
+    "listen", "proxy_protocol", "trusted_proxies", "host_keys", "data_dir", "database_url", "policies_dir", "vault_key",
     "vault_dir", "audit_key", "audit_origin", "gateway", "limits",
 }
 
@@ -153,10 +158,12 @@ def config_from_mapping(raw: dict[str, Any], base_dir: Path) -> Config:
     proxy = raw.get("proxy_protocol", False)
     if not isinstance(proxy, bool):
         raise ConfigError("proxy_protocol must be true or false")
+    trusted = _trusted_proxies(raw.get("trusted_proxies", []))
     return Config(
         base_dir=base_dir,
         listen=tuple(listen),
         proxy_protocol=proxy,
+        trusted_proxies=trusted,
         host_keys=tuple((base_dir / k).resolve() for k in host_keys),
         data_dir=data_dir,
         database_url=database_url,
@@ -187,6 +194,19 @@ def _positive_ints(table: object, cls: type[Any], section: str, skip: set[str]) 
     return values
 
 
+def _trusted_proxies(value: object) -> tuple[IPNetwork, ...]:
+    """``trusted_proxies``: addresses or CIDR networks of the load balancers (``["10.0.0.5", "10.0.1.0/24"]``)."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError('trusted_proxies must be a list of addresses or networks, e.g. ["10.0.0.5", "10.0.1.0/24"]')
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"trusted_proxies: {item!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
 def _gateway_limits(table: object) -> GatewayLimits:
     skip = {"admitted_purposes", "require_product_list"}
     values = _positive_ints(table, GatewayLimits, "gateway", skip)
@@ -212,6 +232,7 @@ DEFAULT_CONFIG_TOML = """\
 # cfl-sftp configuration (SPEC 9). Paths are relative to this file's folder.
 listen = ["127.0.0.1:2222"]
 proxy_protocol = false
+trusted_proxies = []   # with proxy_protocol: the balancers' addresses or networks; [] believes any peer
 host_keys = ["keys/ssh_host_ed25519_key", "keys/ssh_host_rsa_key"]
 data_dir = "data"
 # database_url = "postgresql+psycopg://cfl@db.example/cfl"   # default: SQLite at data/cfl-sftp.sqlite3

@@ -41,7 +41,7 @@ from cfl_sftp.policy.reloader import PolicyReloader
 from cfl_sftp.runtime import Runtime, settle_heap
 from cfl_sftp.sdnotify import Notifier
 from cfl_sftp.sftp import activity
-from cfl_sftp.sftp.proxy import WAITING_CAP_REASON, ProxyProtocolListener
+from cfl_sftp.sftp.proxy import UNTRUSTED_REASON, WAITING_CAP_REASON, ProxyProtocolListener
 from cfl_sftp.sftp.ssh import LibrarySSHServer
 from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.vault_admin import NODE_HEARTBEAT_SECONDS, node_stopped, record_node_heartbeat
@@ -392,10 +392,15 @@ async def start(config: Config, deployment: Deployment | None = None, notifier: 
     # sftp.proxy read it first, so that every peername asyncssh reports is the client's.
     extra: dict[str, object] = {}
     if config.proxy_protocol:
+        if not config.trusted_proxies:
+            log.warning("proxy_headers_trusted_from_anyone",
+                        message="proxy_protocol is on and trusted_proxies is empty: firewall the port to the "
+                                "balancer, or list the balancer's addresses in trusted_proxies")
         extra["tunnel"] = ProxyProtocolListener(
             lambda address, reason: runtime.guard.refuse_connection(
-                address, reason if reason == WAITING_CAP_REASON else "bad-proxy-header"),
+                address, reason if reason in (WAITING_CAP_REASON, UNTRUSTED_REASON) else "bad-proxy-header"),
             cap=lambda: runtime.limits.unauthenticated_connections,
+            trusted=config.trusted_proxies,
         )
     for address in config.listen:
         host, port = parse_listen(address)

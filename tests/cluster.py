@@ -143,6 +143,8 @@ def start_cluster(root: Path, folder: Path, count: int = 2, *, balancer: bool = 
     haproxy = require_haproxy() if balancer else ""
     base = re.sub(r"^proxy_protocol = .*$", f"proxy_protocol = {'true' if balancer else 'false'}",
                   (root / "cfl-sftp.toml").read_text(), flags=re.MULTILINE)
+    base = re.sub(r"^trusted_proxies = .*$", 'trusted_proxies = ["127.0.0.1"]',  # HAProxy, as in production
+                  base, flags=re.MULTILINE)
     nodes = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for i in range(count):

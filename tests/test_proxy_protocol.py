@@ -16,8 +16,9 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from cfl_sftp.config import ConfigError, load_config
 from cfl_sftp.sftp import proxy
-from cfl_sftp.sftp.proxy import ProxyHeader, ProxyHeaderError, parse_proxy_header
+from cfl_sftp.sftp.proxy import ProxyHeader, ProxyHeaderError, is_trusted, parse_proxy_header
 from tests.sftp_support import CLIENT_TIMEOUT, SftpServer, start_sftp_server
 
 V2 = proxy.V2_SIGNATURE
@@ -266,3 +267,41 @@ async def test_a_ban_falls_on_the_headers_address_not_the_balancers(tmp_path: Pa
             pass  # another client through the same balancer is not banned
     finally:
         await server.service.stop()
+
+
+async def test_only_listed_balancers_may_send_a_header(tmp_path: Path) -> None:
+    """With ``trusted_proxies`` set, a connection from elsewhere is refused before its header is read."""
+    server = await start_proxied(tmp_path, {"trusted_proxies": '["192.0.2.0/24", "2001:db8::1"]'})
+    try:
+        assert await closes_without_banner(server, v2_header("203.0.113.9", 5)) == b""
+        refused = await server.wait_for_audit("session-refused")
+        assert [(e["peer"], e["details"]["reason"]) for e in refused] == [("127.0.0.1", "untrusted-proxy")]
+        assert server.audit_events("login-accepted") == []
+    finally:
+        await server.service.stop()
+    trusted = await start_proxied(tmp_path / "trusted", {"trusted_proxies": '["127.0.0.0/8"]'})
+    try:
+        async with await connect_via(trusted, v2_header("203.0.113.9", 5), "northern-ops"):
+            pass
+        accepted = await trusted.wait_for_audit("login-accepted")
+        assert [e["peer"] for e in accepted] == ["203.0.113.9:5"]
+    finally:
+        await trusted.service.stop()
+
+
+@pytest.mark.parametrize(("address", "trusted"), [
+    ("10.0.0.5", True), ("10.0.1.77", True), ("10.0.2.1", False), ("::ffff:10.0.0.5", True),
+    ("2001:db8::1", True), ("2001:db8::2", False), ("unknown", False),
+])
+def test_trusted_proxies_match_addresses_and_networks(address: str, trusted: bool) -> None:
+    networks = [ipaddress.ip_network(n) for n in ("10.0.0.5/32", "10.0.1.0/24", "2001:db8::1/128")]
+    assert is_trusted(address, networks) is trusted
+    assert is_trusted(address, [])  # nothing listed: every peer (the port is firewalled instead)
+
+
+@pytest.mark.parametrize("value", ['"10.0.0.5"', '["10.0.0.300"]', '["balancer.example"]', "[5]"])
+def test_a_bad_trusted_proxies_value_is_a_clear_configuration_error(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "cfl-sftp.toml"
+    path.write_text(f"proxy_protocol = true\ntrusted_proxies = {value}\n")
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load_config(path)

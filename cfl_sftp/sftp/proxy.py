@@ -18,6 +18,9 @@ the TCP connection's own endpoints, as the PROXY protocol specification asks. An
 (``AF_UNIX``, ``UNSPEC``) is treated the same way. IPv4-mapped IPv6 sources are reported as IPv4, so a ban on
 ``192.0.2.1`` holds whichever way the client reached the balancer. TLVs after the addresses are skipped.
 
+A connection from a peer outside ``trusted_proxies`` (when the operator lists any) is refused before anything
+is read from it: whoever can reach the port directly could otherwise claim any client address in a header.
+
 What this module leaves to others: deciding whether an address is banned or over a limit (:mod:`.limits`).
 """
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,6 +237,23 @@ ConnectionFactory = Callable[[str, int], Any]
 
 WAITING_CAP_REASON = "unauthenticated-connections"
 """The reason given to the refusal hook when too many connections are still waiting for their header."""
+UNTRUSTED_REASON = "untrusted-proxy"
+"""The reason given to the refusal hook for a connection from outside ``trusted_proxies``."""
+
+Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+def is_trusted(address: str, trusted: Networks) -> bool:
+    """Whether a connection from ``address`` may send a PROXY header: every peer when ``trusted`` is empty."""
+    if not trusted:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in trusted)
 
 
 class _Waiting:
@@ -248,8 +268,10 @@ class _Waiting:
 class _HeaderReader(asyncio.Protocol):
     """Reads one PROXY header, then gives the transport to a new asyncssh connection."""
 
-    def __init__(self, factory: ConnectionFactory, refused: RefusalHook, timeout: float, waiting: _Waiting) -> None:
+    def __init__(self, factory: ConnectionFactory, refused: RefusalHook, timeout: float, waiting: _Waiting,
+                 trusted: Networks) -> None:
         self._factory = factory
+        self._trusted = trusted
         self._refused = refused
         self._waiting = waiting
         self._counted = False
@@ -267,6 +289,9 @@ class _HeaderReader(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)  # a TCP server makes stream transports only
         self._transport = transport
+        if not is_trusted(str(self._tcp_peer()[0]), self._trusted):
+            self._refuse(UNTRUSTED_REASON, "the peer is not in trusted_proxies")
+            return
         if self._waiting.count >= self._waiting.cap():
             self._refuse(WAITING_CAP_REASON, "too many connections waiting for their PROXY header")
             return
@@ -358,8 +383,10 @@ class ProxyProtocolListener:
     """``asyncssh.create_server(tunnel=ProxyProtocolListener(...))``: TCP connections that start with a PROXY
     header (asyncssh calls :meth:`create_server` with its own connection factory)."""
 
-    def __init__(self, refused: RefusalHook, cap: Callable[[], int], timeout: float | None = None) -> None:
+    def __init__(self, refused: RefusalHook, cap: Callable[[], int], timeout: float | None = None,
+                 trusted: Networks = ()) -> None:
         self._refused = refused
+        self._trusted = trusted
         self._waiting = _Waiting(cap)
         self._timeout = timeout
 
@@ -368,7 +395,8 @@ class ProxyProtocolListener:
         timeout = self._timeout if self._timeout is not None else HEADER_TIMEOUT_SECONDS
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: _HeaderReader(session_factory, self._refused, timeout, self._waiting), listen_host or None,
+            lambda: _HeaderReader(session_factory, self._refused, timeout, self._waiting, self._trusted),
+            listen_host or None,
             listen_port,
             backlog=100,
         )
