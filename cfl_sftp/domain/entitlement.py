@@ -277,24 +277,34 @@ def _listed_twice(estate: Estate) -> list[DuplicateDevice]:
 class EstateView:
     """The estates as they stand on one UTC date: what every entitlement decision on that date reads.
 
-    ``lowest_firmware`` maps each organisation that holds devices to its device models and, per model, the
-    lowest firmware a device of that model runs there (:data:`UNKNOWN_FIRMWARE` if one runs a version nobody
-    knows). Nested per organisation rather than keyed by (organisation, model) pairs: a hundred Suppliers with
-    two thousand models each would otherwise be 200,000 key tuples for the garbage collector to walk.
+    Per organisation that holds devices, each of its device models and the lowest firmware a device of that model
+    runs there (:data:`UNKNOWN_FIRMWARE` if one runs a version nobody knows). Models are kept as their index in
+    ``models`` and nested per organisation: dicts of integers only, which the garbage collector stops walking
+    after its first full pass (a hundred Suppliers with two thousand models each are 200,000 entries; keyed by
+    model objects or (organisation, model) pairs, every full collection would visit them all, holding the GIL).
     """
 
     on: dt.date
-    lowest_firmware: Mapping[str, Mapping[DeviceModel, int]]
+    models: tuple[DeviceModel, ...]
+    model_index: Mapping[DeviceModel, int]
+    lowest_by_index: Mapping[str, Mapping[int, int]]
+
+    @property
+    def lowest_firmware(self) -> dict[str, dict[DeviceModel, int]]:
+        """The same as model objects (built on each call: for reports and tests, not for requests)."""
+        return {org: {self.models[i]: fw for i, fw in held.items()} for org, held in self.lowest_by_index.items()}
 
     def holds(self, organisation: str, model: DeviceModel) -> bool:
-        return model in self.lowest_firmware.get(organisation, {})
+        return self.lowest_of(organisation, model) is not None
 
     def lowest_of(self, organisation: str, model: DeviceModel) -> int | None:
         """The lowest firmware a device of ``model`` runs in the organisation's estate; ``None`` if it has none."""
-        return self.lowest_firmware.get(organisation, {}).get(model)
+        index = self.model_index.get(model)
+        held = self.lowest_by_index.get(organisation)
+        return None if index is None or held is None else held.get(index)
 
     def models_of(self, organisation: str) -> frozenset[DeviceModel]:
-        return frozenset(self.lowest_firmware.get(organisation, {}))
+        return frozenset(self.models[i] for i in self.lowest_by_index.get(organisation, {}))
 
 
 class HasEstates(Protocol):
@@ -320,11 +330,12 @@ def build_estate_view(source: EstateTimeline | HasEstates, on: dt.date) -> Estat
             known = lowest.get(key)
             if known is None or firmware < known:
                 lowest[key] = firmware
-    held: dict[str, dict[DeviceModel, int]] = {}
+    held: dict[str, dict[int, int]] = {}
     for key, firmware in lowest.items():
         org, model = divmod(key, stride)
-        held.setdefault(timeline.organisations[org], {})[timeline.models[model]] = firmware
-    return EstateView(on=on, lowest_firmware=MappingProxyType(held))
+        held.setdefault(timeline.organisations[org], {})[model] = firmware
+    index = {model: i for i, model in enumerate(timeline.models)}
+    return EstateView(on=on, models=timeline.models, model_index=index, lowest_by_index=held)
 
 
 class UserLike(Protocol):
