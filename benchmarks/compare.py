@@ -277,6 +277,16 @@ def wait_tree_settled(target: Target, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (``nstat`` TcpExtListenOverflows):
+    each costs its client a 1 s SYN retransmit, so it shows whether a server's listen backlog was too short."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split(), strict=True))["ListenOverflows"])
+    return 0
+
+
 class Watch:
     """Peak RSS (sampled every ``interval`` s, unless None) and CPU time of a server's process tree over a block.
 
@@ -288,9 +298,12 @@ class Watch:
         self.sampler = RssSampler(self.pid, tree=True, interval=interval) if interval else None
         self.cpu = 0.0
         self._cpu_start = 0.0
+        self.listen_overflows = 0
+        self._overflows_start = 0
 
     def __enter__(self) -> Watch:
         self._cpu_start = tree_cpu_seconds(self.pid)
+        self._overflows_start = listen_overflows()
         if self.sampler:
             self.sampler.__enter__()
         return self
@@ -303,6 +316,7 @@ class Watch:
         """After the workload's sessions have ended: the CPU they cost, all of it."""
         wait_tree_settled(target)
         self.cpu = tree_cpu_seconds(self.pid) - self._cpu_start
+        self.listen_overflows = listen_overflows() - self._overflows_start
 
     @property
     def peak_mib(self) -> float:
@@ -428,9 +442,11 @@ def many_sessions(target: Target, args: argparse.Namespace, workdir: Path, run: 
     run["many_peak_rss_mib"] = watch.peak_mib
     run["many_cpu_per_gb"] = watch.cpu / (moved / GB) if moved else float("nan")
     run["many_client_share"] = client_share(outcome.results)
+    run["many_listen_overflows"] = watch.listen_overflows
     print(f"    {target.label:<9} {args.sessions} sessions {run['many_mbps']:7.1f} MB/s   failures {len(errors)}   "
           f"p95 {run['many_p95_s']:.2f} s   peak RSS {watch.peak_mib:7.1f} MiB   server CPU "
-          f"{run['many_cpu_per_gb']:.2f} s/GB   client busy {run['many_client_share']:.0%}", flush=True)
+          f"{run['many_cpu_per_gb']:.2f} s/GB   client busy {run['many_client_share']:.0%}   "
+          f"listen overflows {watch.listen_overflows}", flush=True)
     outcome.print_errors()
 
 
@@ -577,6 +593,7 @@ def metrics(args: argparse.Namespace) -> list[Metric]:
         Metric("many_peak_rss_mib", f"{n} sessions: server peak RSS", "MiB", "<= 0.15"),
         Metric("many_cpu_per_gb", f"{n} sessions: server CPU", "s/GB", digits=2),
         Metric("many_client_share", f"{n} sessions: busiest client process", "core", chart=False, digits=2),
+        Metric("many_listen_overflows", f"{n} sessions: listen queue overflows", "", chart=False, digits=0),
         Metric("rate_sps", f"sessions/s, {p} parallel (connect, login, ls, close)", "1/s", ">= 3.0"),
         Metric("rate_failures", "sessions/s: failures", "", "= 0", chart=False, digits=0),
         Metric("rate_p95_ms", "sessions/s: p95 session time", "ms"),

@@ -384,9 +384,10 @@ class ProxyProtocolListener:
     header (asyncssh calls :meth:`create_server` with its own connection factory)."""
 
     def __init__(self, refused: RefusalHook, cap: Callable[[], int], timeout: float | None = None,
-                 trusted: Networks = ()) -> None:
+                 trusted: Networks = (), backlog: int = 100) -> None:
         self._refused = refused
         self._trusted = trusted
+        self._backlog = backlog
         self._waiting = _Waiting(cap)
         self._timeout = timeout
 
@@ -398,7 +399,7 @@ class ProxyProtocolListener:
             lambda: _HeaderReader(session_factory, self._refused, timeout, self._waiting, self._trusted),
             listen_host or None,
             listen_port,
-            backlog=100,
+            backlog=self._backlog,
         )
         return ProxiedServer(server)
 
