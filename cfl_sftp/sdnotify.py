@@ -4,6 +4,9 @@ With ``Type=notify`` systemd passes ``$NOTIFY_SOCKET``, a datagram socket (a pat
 with a leading ``@``), and waits for ``READY=1`` before it counts the service as started. Each message is one
 datagram of ``KEY=value`` lines. The protocol is this small, so it is spoken here rather than through a library.
 
+With ``WatchdogSec=`` systemd also expects ``WATCHDOG=1`` at least that often, and kills and restarts a
+service whose pings stop: they are sent from the event loop, so a loop that hangs is restarted.
+
 Notifying is best effort: the service never stops serving because the service manager did not listen. Outside
 systemd (no ``$NOTIFY_SOCKET``) every call does nothing.
 
@@ -21,6 +24,24 @@ import structlog
 log = structlog.get_logger(__name__)
 
 NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
+WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
+WATCHDOG_PID_ENV = "WATCHDOG_PID"
+
+
+def watchdog_seconds(environ: dict[str, str] | None = None) -> float | None:
+    """systemd's ``WatchdogSec=`` for this process (``$WATCHDOG_USEC``), or None when no watchdog is asked of it.
+
+    As ``sd_watchdog_enabled(3)``: a ``$WATCHDOG_PID`` naming another process means the watchdog is not ours.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        usec = int(env.get(WATCHDOG_USEC_ENV, ""))
+    except ValueError:
+        return None
+    pid = env.get(WATCHDOG_PID_ENV)
+    if usec <= 0 or (pid and pid != str(os.getpid())):
+        return None
+    return usec / 1_000_000
 
 
 def socket_address(name: str) -> str | bytes:
@@ -85,6 +106,10 @@ class Notifier:
 
     def status(self, status: str) -> bool:
         return self.send(status=_one_line(status))
+
+    def watchdog(self) -> bool:
+        """The event loop is alive (``WATCHDOG=1``): sent at half the watchdog interval, from the loop itself."""
+        return self.send(watchdog=1)
 
     def close(self) -> None:
         if self._socket is not None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import asyncssh
 import structlog
 
-from cfl_sftp import recovery
+from cfl_sftp import recovery, sdnotify
 from cfl_sftp.audit_trail import AuditSigner, make_checkpoint
 from cfl_sftp.availability import DatabaseAvailability
 from cfl_sftp.config import Config, ConfigError, load_config, reloaded
@@ -454,8 +454,18 @@ async def start(config: Config, deployment: Deployment | None = None, notifier: 
     return service
 
 
+async def _feed_watchdog(notifier: Notifier, interval: float) -> None:
+    """Tell systemd the event loop is alive, at half its ``WatchdogSec=``: if the loop hangs, the pings stop and
+    systemd restarts the service (``Restart=on-failure``)."""
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval / 2)
+
+
 async def _serve(config: Config) -> None:
     notifier = Notifier.from_environment()
+    watchdog = sdnotify.watchdog_seconds()
+    pinger = asyncio.create_task(_feed_watchdog(notifier, watchdog)) if watchdog else None  # from the start on
     stop = asyncio.Event()
     running: list[RunningService] = []  # empty while starting: signals then wait for the start to finish
     hangup_pending = asyncio.Event()
@@ -485,6 +495,8 @@ async def _serve(config: Config) -> None:
         service.hangup()
     await stop.wait()
     await service.stop(service.config.limits.stop_timeout_seconds)  # as last reloaded
+    if pinger is not None:
+        pinger.cancel()
     log.info("service_stopped")
 
 

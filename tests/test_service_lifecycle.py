@@ -31,7 +31,7 @@ from structlog.testing import capture_logs
 from cfl_sftp.config import load_config
 from cfl_sftp.deployment import Deployment
 from cfl_sftp.intake import PackageUpload, Uploader, feed_chunks
-from cfl_sftp.sdnotify import Notifier, monotonic_usec
+from cfl_sftp.sdnotify import Notifier, monotonic_usec, watchdog_seconds
 from cfl_sftp.sftp.activity import (
     DRAIN_IDLE_SECONDS,
     IDLE,
@@ -147,11 +147,12 @@ class ServeProcess:
 
 
 @contextlib.asynccontextmanager
-async def serving(td: DeploymentUnderTest, notify: NotifySocket) -> AsyncIterator[ServeProcess]:
+async def serving(td: DeploymentUnderTest, notify: NotifySocket,
+                  env: dict[str, str] | None = None) -> AsyncIterator[ServeProcess]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cfl_sftp.cli", "serve", "--config", str(td.config_path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "NOTIFY_SOCKET": notify.address},
+        env={**os.environ, "NOTIFY_SOCKET": notify.address, **(env or {})},
     )
     service = ServeProcess(proc)
     try:
@@ -314,6 +315,29 @@ async def test_ready_is_sent_once_the_port_accepts_ssh(tmp_path: Path) -> None:
             assert len(started["policy_digest"]) == 64
             service.signal(signal.SIGTERM)
             assert await service.exit_code() == 0
+
+
+async def test_the_watchdog_is_fed_from_the_start_while_systemd_asks_for_it(tmp_path: Path) -> None:
+    td = await asyncio.to_thread(deployment_for_serve, tmp_path)
+    with notify_socket() as notify:
+        async with serving(td, notify, env={"WATCHDOG_USEC": "400000"}) as service:
+            first = await notify.until("WATCHDOG")
+            assert not any("READY" in message for message in notify.received), "pings start before the start ends"
+            await notify.until("READY")
+            pings = [first, await notify.until("WATCHDOG"), await notify.until("WATCHDOG")]
+            assert all(ping["WATCHDOG"] == "1" for ping in pings)
+            service.signal(signal.SIGTERM)
+            assert await service.exit_code() == 0
+
+
+def test_a_watchdog_meant_for_another_process_or_malformed_is_not_ours() -> None:
+    mine = str(os.getpid())
+    assert watchdog_seconds({"WATCHDOG_USEC": "30000000"}) == 30.0
+    assert watchdog_seconds({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": mine}) == 30.0
+    assert watchdog_seconds({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_seconds({"WATCHDOG_USEC": "soon"}) is None
+    assert watchdog_seconds({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_seconds({}) is None
 
 
 async def test_sighup_reloads_limits_and_gateway_between_reloading_and_ready(tmp_path: Path) -> None:
