@@ -7,9 +7,11 @@ drives it. Whether the image was left out is seen on disk: the size of the spool
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from cfl_sftp.domain.errors import Outcome, Reason
 from cfl_sftp.held import release
@@ -115,6 +117,26 @@ def test_aborted_upload_with_its_image_left_out_leaves_nothing(td: DeploymentUnd
     package = build(PackageSpec(image_size=IMAGE_SIZE, release_notes=b"notes"))
     job = fed(td, package[: len(package) // 2], "cut.cfl", 256 * 1024)
     job.abort()
+    assert_nothing_partial(td)
+
+
+@pytest.mark.sqlite_only
+def test_library_lookup_that_fails_spools_everything(td: DeploymentUnderTest) -> None:
+    """If the library cannot say whether the package would be held, the whole package is spooled, so a held
+    verdict needs no second sealing. The lookup is made to fail by hiding the images table for a moment."""
+    package = build(PackageSpec(image_size=IMAGE_SIZE))
+    upload(td, package, "first.cfl")
+    database = sqlite3.connect(str(make_url(td.deployment.config.database_url).database), isolation_level=None)
+    try:
+        database.execute("ALTER TABLE images RENAME TO images_hidden")
+        job = fed(td, package, "again.cfl", 256 * 1024)
+        database.execute("ALTER TABLE images_hidden RENAME TO images")
+    finally:
+        database.close()
+    assert spooled_size(td) > IMAGE_SIZE
+    receipt = job.complete()
+    assert (receipt.outcome, receipt.reason) == (Outcome.HELD, Reason.DUPLICATE_IMAGE)
+    assert held_bytes(td, receipt.upload_id) == package
     assert_nothing_partial(td)
 
 
