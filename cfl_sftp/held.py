@@ -106,7 +106,9 @@ def release(deployment: Deployment, upload_id: str, reason: str) -> ImageRow:
         deployment.spool.path_of(vault_row.object_id), vault_row, deployment.keyring,
         spool_context(vault_row.object_id),
     )
-    replacement = PackageUpload(deployment, Uploader(upload.uploader, upload.organisation, "local"), held.file_name)
+    replacement = PackageUpload(  # no spool: the package is already stored, and stays so until the release
+        deployment, Uploader(upload.uploader, upload.organisation, "local"), held.file_name, spool=False
+    )
     try:
         for chunk in reader.chunks():
             replacement.write(chunk)

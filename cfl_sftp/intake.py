@@ -1,9 +1,17 @@
 """The gateway at work: one package upload from its first byte to its receipt (SPEC 4).
 
-A :class:`PackageUpload` is fed the bytes as the client writes them. Each piece goes three ways at once: into the
-encrypted spool copy of the whole package (kept if the package is held), through the package reader (which
-hashes and checks as it goes), and, for the image and release-note members, into a temp image file and a
-sealed note. So ``complete()`` has nothing left to read: it asks the library, decides, and commits.
+A :class:`PackageUpload` is fed the bytes as the client writes them. Each piece goes through the package reader
+(which hashes and checks as it goes) and, for the image and release-note members, into a temp image file and a
+sealed note; and into the encrypted spool (kept if the package is held). So ``complete()`` has nothing left to
+read: it asks the library, decides, and commits.
+
+Each image byte is written to disk once. As soon as the manifest has been read (the package's first member), the
+library is asked whether check 9 would hold the package. Only if it would (or the question cannot be answered)
+is the whole package spooled; otherwise the spool keeps every byte but the image's content (tar headers, the
+manifest, the signature, the release notes, padding: still sealed), and the image goes to its temp file alone.
+If the verdict is ``held`` all the same (another session or node added that image or version meanwhile), the
+whole package is sealed again at verdict time from the spool and the image file, so every held package is stored
+whole and encrypted, as before; only then does the verdict's time grow with the package.
 
 Commit is atomic in the sense of SPEC 4. Files are put in place first (an image under its hash, a sealed note,
 a held package), then one database transaction records the rows, the receipt and the audit entry. If that
@@ -18,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import structlog
@@ -30,16 +39,18 @@ from sqlalchemy.orm import Session
 
 from cfl_sftp.deployment import Deployment
 from cfl_sftp.domain.errors import GatewayRejection, Outcome, Reason
-from cfl_sftp.domain.gateway import UploadRules, Verdict, decide, rejected
+from cfl_sftp.domain.gateway import UploadRules, Verdict, already_in_library, decide, rejected
+from cfl_sftp.domain.model import Manifest
 from cfl_sftp.domain.package import PackageLimits, PackageReader, ReadPackage
 from cfl_sftp.domain.receipt import Receipt, new_upload_id
 from cfl_sftp.domain.signature import verify_manifest_signature
 from cfl_sftp.policy import PolicySnapshot
 from cfl_sftp.storage import audit_store
 from cfl_sftp.storage.audit_store import AuditEvent
+from cfl_sftp.storage.files import WriteBehind
 from cfl_sftp.storage.library_repo import LibraryRepository, image_ref
 from cfl_sftp.storage.models import DeviceModelRow, HeldPackageRow, ImageRow, UploadRow, VaultObjectRow
-from cfl_sftp.storage.sealed import SYNC_EVERY_BYTES, SealedObject, SealedWriter, note_context, spool_context
+from cfl_sftp.storage.sealed import SealedObject, SealedReader, SealedWriter, note_context, spool_context
 
 log = structlog.get_logger(__name__)
 
@@ -67,20 +78,30 @@ def rules_from(snapshot: PolicySnapshot, deployment: Deployment, organisation: s
     )
 
 
-class _FileSink:
-    """The image member, written in clear to a temp file (images are not secret), flushed to disk as it grows."""
+class _ImageFile:
+    """The image member, written in clear to a temp file (images are not secret), handed to the disk as it grows
+    (:class:`~cfl_sftp.storage.files.WriteBehind`), so the feed does not wait for the disk."""
 
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle = handle
-        self._unsynced = 0
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("xb")
+        self._writeback = WriteBehind(self._file)
 
     def write(self, data: bytes | memoryview) -> None:
-        self.handle.write(data)
-        self._unsynced += len(data)
-        if self._unsynced >= SYNC_EVERY_BYTES:
-            self.handle.flush()
-            os.fdatasync(self.handle.fileno())
-            self._unsynced = 0
+        self._file.write(data)
+        self._writeback.wrote(len(data))
+
+    def close(self) -> None:
+        """Make the file durable (the verdict may place it in the library) and close it."""
+        try:
+            self._writeback.sync()
+        finally:
+            self._file.close()
+
+    def drop(self) -> None:
+        """Close without making it durable: it is being thrown away."""
+        if not self._file.closed:
+            self._writeback.stop()
+            self._file.close()
 
 
 IN_PROGRESS_SUFFIX = ".upload.json"
@@ -92,19 +113,22 @@ class PackageUpload:
     """A ``*.cfl`` being written. Feed it with :meth:`write`; end it with :meth:`complete` or :meth:`abort`.
 
     ``session`` is given for an upload over SFTP: the upload is then announced in the node's scratch folder
-    while it is in progress (:data:`IN_PROGRESS_SUFFIX`)."""
+    while it is in progress (:data:`IN_PROGRESS_SUFFIX`). ``spool=False`` keeps no spool at all, for a package
+    that can only end with :meth:`complete_as_replacement` (a held package being released is already stored)."""
 
     def __init__(self, deployment: Deployment, uploader: Uploader, file_name: str, *,
-                 session: str | None = None) -> None:
+                 session: str | None = None, spool: bool = True) -> None:
         self._deployment = deployment
         self.uploader = uploader
         self.file_name = file_name
         self.received_at = dt.datetime.now(dt.UTC)
         limits = deployment.config.gateway
         self._max_bytes = limits.max_package_bytes
-        self._spool: SealedWriter = deployment.spool.writer("upload")
+        self._spool: SealedWriter | None = deployment.spool.writer("upload") if spool else None
+        self._image_left_out = False  # the spool leaves out the image content (see the module docstring)
+        self._forecast_asked = False
         self._image_path = deployment.data.new_tmp_path("image")
-        self._image_file = self._image_path.open("xb")
+        self._image_file = _ImageFile(self._image_path)
         self._announcement = self._image_path.with_suffix(IN_PROGRESS_SUFFIX) if session is not None else None
         if self._announcement is not None:
             self._announcement.write_text(json.dumps({
@@ -114,9 +138,10 @@ class PackageUpload:
         self._notes: SealedWriter = deployment.vault.writer("release-note")
         self._reader = PackageReader(
             PackageLimits(limits.max_package_bytes, limits.max_release_notes_bytes),
-            image_sink=_FileSink(self._image_file),
+            image_sink=self._image_file,
             notes_sink=self._notes,
         )
+        self._whole: SealedObject | None = None  # the whole package sealed again at verdict time, if needed
         self._finished = False
 
     @property
@@ -125,19 +150,50 @@ class PackageUpload:
 
     def write(self, data: bytes) -> None:
         """Take the next bytes of the package, in order. Bytes past the size limit are counted, not kept."""
-        room = self._max_bytes - self._reader.bytes_received
-        if room > 0:
-            self._spool.write(data[:room] if len(data) > room else data)
+        start = self._reader.bytes_received
         self._reader.feed(data)
+        room = self._max_bytes - start
+        if self._spool is None or room <= 0:
+            return
+        if not self._forecast_asked and self._reader.manifest is not None:
+            self._forecast_asked = True
+            self._image_left_out = not self._may_be_held(self._reader.manifest)
+        self._spool_frame(self._spool, start, memoryview(data)[:room])
+
+    def _spool_frame(self, spool: SealedWriter, start: int, piece: memoryview) -> None:
+        """Spool the piece that begins at package offset ``start``, less any image content if that is left out.
+
+        The reader has already been fed the piece, so it knows where the image content lies if it begins here.
+        """
+        span = self._reader.image_span if self._image_left_out else None
+        if span is None:
+            spool.write(piece)
+            return
+        cut_from = min(max(span[0] - start, 0), len(piece))
+        cut_to = min(max(span[1] - start, 0), len(piece))
+        if cut_from > 0:
+            spool.write(piece[:cut_from])
+        if cut_to < len(piece):
+            spool.write(piece[cut_to:])
+
+    def _may_be_held(self, manifest: Manifest) -> bool:
+        """Would check 9 hold a package with this manifest, as the library stands now? True if unsure."""
+        try:
+            with self._deployment.db.reading() as session:
+                return already_in_library(manifest, LibraryRepository(session)) is not None
+        except Exception as exc:  # the database is unreachable: spool everything, as the verdict may need it
+            log.warning("spool_forecast_failed", file_name=self.file_name, error=type(exc).__name__)
+            return True
 
     def abort(self) -> None:
         """Discard everything: a partial upload never reaches the gateway and leaves nothing behind."""
         if self._finished:
             return
         self._finished = True
-        self._spool.discard()
+        if self._spool is not None:
+            self._spool.discard()
         self._notes.discard()
-        self._image_file.close()
+        self._image_file.drop()
         self._image_path.unlink(missing_ok=True)
         if self._announcement is not None:
             self._announcement.unlink(missing_ok=True)
@@ -146,10 +202,10 @@ class PackageUpload:
         """Run the gateway on what was written, commit the outcome and return the receipt (blocking)."""
         if self._finished:
             raise RuntimeError("upload already ended")
+        if self._spool is None:
+            raise RuntimeError("an upload without a spool can only complete as a replacement")
         self._finished = True
         try:
-            self._image_file.flush()
-            os.fsync(self._image_file.fileno())
             self._image_file.close()
             spooled = self._spool.close()
             notes = self._notes.close()
@@ -166,7 +222,8 @@ class PackageUpload:
             return self._commit(package, verdict, spooled, notes)
         finally:
             # The verdict does not wait for the filesystem to free a large file's blocks.
-            for leftover in (self._image_path, spooled.path, notes.path):
+            whole = [self._whole.path] if self._whole is not None else []
+            for leftover in (self._image_path, spooled.path, notes.path, *whole):
                 self._deployment.data.discard(leftover)
             if self._announcement is not None:
                 self._announcement.unlink(missing_ok=True)
@@ -268,10 +325,25 @@ class PackageUpload:
         with self._deployment.db.writing() as session:
             return self._finish_txn(session, verdict, upload_id)
 
+    def _whole_package(self, spooled: SealedObject) -> SealedObject:
+        """The spooled package if it is whole; else the whole package sealed again from the spool and the image
+        file (once, whatever the commit attempts), so a held package is stored exactly as it was uploaded."""
+        span = self._reader.image_span if self._image_left_out else None
+        if span is None:
+            return spooled
+        if self._whole is None:
+            log.info("held_package_respooled", file_name=self.file_name, size=self.size)
+            self._whole = _splice(
+                self._deployment.spool.writer("upload"), spooled, span[0], self._image_path,
+                self._reader.package_sha256,
+            )
+        return self._whole
+
     def _commit_held(self, package: ReadPackage, verdict: Verdict, spooled: SealedObject) -> Receipt:
         deployment = self._deployment
         upload_id = new_upload_id(self.received_at)
         now = dt.datetime.now(dt.UTC)
+        spooled = self._whole_package(spooled)
         final = deployment.spool.commit(spooled)
         try:
             with deployment.db.writing() as session:
@@ -349,10 +421,9 @@ class PackageUpload:
         if self._finished:
             raise RuntimeError("upload already ended")
         self._finished = True
-        self._image_file.flush()
-        os.fsync(self._image_file.fileno())
         self._image_file.close()
-        self._spool.discard()
+        if self._spool is not None:
+            self._spool.discard()
         notes = self._notes.close()
         try:
             package = self._reader.finish()
@@ -403,6 +474,46 @@ class PackageUpload:
         finally:
             self._image_path.unlink(missing_ok=True)
             notes.path.unlink(missing_ok=True)
+
+
+def _splice(writer: SealedWriter, frame: SealedObject, image_at: int, image_path: Path,
+            package_sha256: str) -> SealedObject:
+    """Seal into ``writer`` the spooled frame with the image file's bytes put back at ``image_at``.
+
+    The result is checked against the uploaded package's SHA-256: a held package must be the bytes received.
+    """
+    digest = hashlib.sha256()
+
+    def put(chunks: Iterable[bytes]) -> None:
+        for chunk in chunks:
+            digest.update(chunk)
+            writer.write(chunk)
+
+    try:
+        reader = SealedReader(frame.path, frame.object_id, frame.data_key)
+        try:
+            put(_sealed_range(reader, 0, image_at))
+            with image_path.open("rb") as image:
+                put(file_chunks(image, 1 << 20))
+            put(_sealed_range(reader, image_at, reader.size))
+        finally:
+            reader.close()
+        if digest.hexdigest() != package_sha256:
+            raise RuntimeError("the held package sealed again from its spool differs from the upload")
+        return writer.close()
+    except BaseException:
+        writer.discard()
+        raise
+
+
+def _sealed_range(reader: SealedReader, start: int, stop: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    offset = start
+    while offset < stop:
+        data = reader.read(offset, min(chunk_size, stop - offset))
+        if not data:
+            raise RuntimeError("the spool ended early")
+        offset += len(data)
+        yield data
 
 
 def add_to_library(

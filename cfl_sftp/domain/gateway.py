@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cfl_sftp.domain.errors import GatewayRejection, Outcome, Reason
-from cfl_sftp.domain.model import DeviceModel, DeviceType, ImageRef, Purpose
+from cfl_sftp.domain.model import DeviceModel, DeviceType, ImageRef, Manifest, Purpose
 from cfl_sftp.domain.package import ReadPackage
 from cfl_sftp.domain.signature import ManufacturerKey, verify_manifest_signature
 
@@ -100,6 +100,24 @@ def decide(package: ReadPackage, rules: UploadRules, library: LibraryView) -> Ve
             f"Firmware {m.firmware_version} for device model {m.device_model} with this image hash "
             "is not in the product list.",
         )
+    held = already_in_library(m, library)
+    if held is not None:
+        return held
+    return Verdict(
+        Outcome.ACCEPTED,
+        Reason.ACCEPTED,
+        f"Firmware {m.firmware_version} for device model {m.device_model} was added to the library.",
+        image_ref_of(package),
+    )
+
+
+def already_in_library(m: Manifest, library: LibraryView) -> Verdict | None:
+    """Check 9 alone: the ``held`` verdict if the library already has these bytes (retired ones included) or
+    other bytes for this device model and firmware version; None if the package would be new.
+
+    :func:`decide` ends with it; the intake also asks it as soon as the manifest has been read, to know whether
+    the package is likely to be held and so worth spooling whole (:mod:`cfl_sftp.intake`).
+    """
     same_bytes = library.image_with_sha256(m.image.sha256)
     if same_bytes is not None:
         return Verdict(
@@ -117,9 +135,4 @@ def decide(package: ReadPackage, rules: UploadRules, library: LibraryView) -> Ve
             f"{m.device_model}; the package is held for an operator to decide.",
             same_version,
         )
-    return Verdict(
-        Outcome.ACCEPTED,
-        Reason.ACCEPTED,
-        f"Firmware {m.firmware_version} for device model {m.device_model} was added to the library.",
-        image_ref_of(package),
-    )
+    return None

@@ -18,6 +18,7 @@ that needs the policy or the library (:mod:`cfl_sftp.domain.gateway`); where the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -139,10 +140,12 @@ class PackageReader:
         self._current: _Slot | None = None  # the slot whose data is streaming
         self._names: set[str] = set()
         self._layout: ManifestLayout | None = None
+        self._valid_manifest: Manifest | None = None
         self._manifest = bytearray()
         self._signature = bytearray()
         self._image = _Content(image_sink)
         self._image_prefix = bytearray()
+        self._image_span: tuple[int, int] | None = None
         self._notes = _Content(notes_sink)
         self._notes_too_large = False
         self._outcome: ReadPackage | GatewayRejection | None = None
@@ -156,6 +159,21 @@ class PackageReader:
     def package_sha256(self) -> str:
         """Hex SHA-256 of every byte fed so far."""
         return self._sha256.hexdigest()
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The manifest, as soon as its member has been read and passes every rule of SPEC 3; else None.
+
+        A caller can act on what the package declares before the image arrives (the gateway's spool does). It
+        is only a forecast: the package may still fail any check, and :meth:`finish` alone gives the verdict.
+        """
+        return self._valid_manifest
+
+    @property
+    def image_span(self) -> tuple[int, int] | None:
+        """``(start, stop)``: the package offsets of the image member's content, once its header has been read
+        and accepted; every byte outside is framing (headers, the other members, padding, end blocks)."""
+        return self._image_span
 
     def feed(self, data: bytes) -> None:
         """Take the next bytes of the package; bad content never raises here, :meth:`finish` judges it."""
@@ -203,7 +221,7 @@ class PackageReader:
         except TarError as exc:
             raise _container(f"The package is not a valid tar archive ({exc}).") from None
         manifest_bytes = bytes(self._manifest)
-        manifest = validate_manifest(manifest_bytes)
+        manifest = self._valid_manifest or validate_manifest(manifest_bytes)
         notes = manifest.release_notes
         if notes is not None and notes.size > limits.max_release_notes_bytes:
             raise GatewayRejection(
@@ -237,7 +255,7 @@ class PackageReader:
             if isinstance(event, MemberData):
                 self._on_data(event.chunk)
             elif isinstance(event, MemberStart):
-                self._on_start(event.name, event.size)
+                self._on_start(event.name, event.size, event.data_offset)
             elif isinstance(event, MemberEnd):
                 self._on_end()
             elif isinstance(event, ArchiveEnd) and self._slot is not _Slot.END:
@@ -274,7 +292,7 @@ class PackageReader:
             return "larger than the 1 KiB allowed"
         return "longer than the manifest declares"
 
-    def _on_start(self, name: str, size: int) -> None:
+    def _on_start(self, name: str, size: int, data_offset: int) -> None:
         slot = self._slot
         if name.startswith("/") or ".." in name.split("/"):
             self._note(_container(f"The package member {_shown(name)} has an absolute path or a '..' part."))
@@ -290,7 +308,9 @@ class PackageReader:
         else:
             self._names.add(name)
             self._current = slot
-            if slot is _Slot.RELEASE_NOTES:
+            if slot is _Slot.IMAGE:
+                self._image_span = (data_offset, data_offset + size)
+            elif slot is _Slot.RELEASE_NOTES:
                 self._notes_too_large = size > self._limits.max_release_notes_bytes
 
     def _on_data(self, chunk: bytes | memoryview) -> None:
@@ -317,6 +337,8 @@ class PackageReader:
             except GatewayRejection as exc:
                 self._note(exc)
                 return
+            with contextlib.suppress(GatewayRejection):  # finish() raises it again, in check order
+                self._valid_manifest = validate_manifest(bytes(self._manifest))
             self._slot = _Slot.SIGNATURE
         elif slot is _Slot.SIGNATURE:
             self._slot = _Slot.IMAGE

@@ -28,7 +28,7 @@ a manifest declares) is the package reader's job.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import NoReturn
 
@@ -75,10 +75,16 @@ class TarError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class MemberStart:
-    """A regular file begins; ``name`` and ``size`` are those after pax or GNU long-name overrides."""
+    """A regular file begins; ``name`` and ``size`` are those after pax or GNU long-name overrides.
+
+    ``data_offset`` is where the member's data begins in the archive (bytes fed before it), so a caller can tell
+    a member's content apart from the archive's framing without parsing it again. It is left out of equality:
+    two starts of the same member are the same event whatever came before.
+    """
 
     name: str
     size: int
+    data_offset: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +134,7 @@ class TarStream:
         self._pending_longname: str | None = None
         self._trailer_bytes = 0
         self._failure: str | None = None
+        self._fed = 0  # bytes fed by earlier calls: the archive offset of the current call's first byte
 
     def feed(self, data: bytes) -> list[TarEvent]:
         """Consume ``data`` (any length, including 0) and return the events it completes, in order."""
@@ -136,6 +143,7 @@ class TarStream:
         events: list[TarEvent] = []
         try:
             self._feed(data, events)
+            self._fed += len(data)
         except TarError as exc:
             self._state = _State.FAILED
             self._failure = str(exc)
@@ -191,7 +199,7 @@ class TarStream:
                         break
                     header = memoryview(bytes(self._block))
                     self._block.clear()
-                self._on_header(header, events)
+                self._on_header(header, events, self._fed + pos)
             elif state is _State.EXTENDED:
                 pos = self._collect(view, pos, self._left)
                 if len(self._block) < self._left:
@@ -224,7 +232,8 @@ class TarStream:
         self._block += view[pos : pos + n]
         return pos + n
 
-    def _on_header(self, header: memoryview, events: list[TarEvent]) -> None:
+    def _on_header(self, header: memoryview, events: list[TarEvent], after: int) -> None:
+        """Act on a complete header block; ``after`` is the archive offset just past it."""
         if header == _ZERO_BLOCK:
             if (self._pending_path, self._pending_size, self._pending_longname) != (None, None, None):
                 self._fail("an extended header is not followed by a member")
@@ -248,7 +257,7 @@ class TarStream:
         if self._pending_size is not None:
             size = self._pending_size
         self._pending_path = self._pending_size = self._pending_longname = None
-        events.append(MemberStart(name, size))
+        events.append(MemberStart(name, size, after))
         if size == 0:
             events.append(MemberEnd())
         else:

@@ -26,10 +26,12 @@ import os
 import secrets
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 # Deleting a large file can take a noticeable time (ext4 with `discard`: ~165 ms per GiB). Nothing waits for it:
 # the file is first renamed into `trash/` (instant, atomic) and unlinked by this one background worker.
@@ -50,6 +52,66 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+SYNC_EVERY_BYTES = 32 << 20
+"""A growing scratch file is handed to the disk each time this much more has been written (:class:`WriteBehind`)."""
+
+
+class WriteBehind:
+    """Writes a growing file's data to disk behind its writer, so the writer never waits for a full disk flush.
+
+    Each time :data:`SYNC_EVERY_BYTES` more have been written, an ``fdatasync`` of the file is started in a
+    thread of its own while the writer goes on; the writer waits only if the previous one is still running
+    (so at most about twice that much is ever unsynced: the disk is slower than the feed). The final
+    :meth:`sync` therefore has little left to write, and the time from an upload's close to its verdict does
+    not grow with the package's size. A failed background flush (a full disk) is raised at the next wait.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._unsynced = 0
+        self._flushing: threading.Thread | None = None
+        self._error: OSError | None = None
+
+    def wrote(self, size: int) -> None:
+        """Count ``size`` more bytes written to the file; start a background flush if enough are pending."""
+        self._unsynced += size
+        if self._unsynced < SYNC_EVERY_BYTES:
+            return
+        self._file.flush()  # into the page cache, so the flush below covers them
+        self._wait()
+        self._unsynced = 0
+        self._flushing = threading.Thread(
+            target=self._fdatasync, args=(self._file.fileno(),), name="cfl-writeback", daemon=True
+        )
+        self._flushing.start()
+
+    def sync(self) -> None:
+        """Make everything written so far durable (``fsync``); raise a background flush's error."""
+        self._file.flush()
+        self._wait()
+        os.fsync(self._file.fileno())
+        self._unsynced = 0
+
+    def stop(self) -> None:
+        """Wait for a background flush (the file may then be closed), ignoring its outcome: it is discarded."""
+        with contextlib.suppress(OSError):
+            self._wait()
+
+    def _fdatasync(self, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            self._error = exc
+
+    def _wait(self) -> None:
+        if self._flushing is not None:
+            self._flushing.join()
+            self._flushing = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _try_lock(path: Path) -> int | None:

@@ -27,15 +27,12 @@ from cfl_sftp.domain.vault import (
     decrypt_range,
     plaintext_size,
 )
-from cfl_sftp.storage.files import ScratchClaim, fsync_dir
+from cfl_sftp.storage.files import ScratchClaim, WriteBehind, fsync_dir
 from cfl_sftp.storage.models import VaultObjectRow
 
 log = structlog.get_logger(__name__)
 
 DATA_KEY_BYTES = 32
-# Flush to disk as the file grows, so that the fsync at close has at most this much left to write and the time
-# from an upload's close to its verdict does not grow with the package's size.
-SYNC_EVERY_BYTES = 32 << 20
 
 
 def note_context(image_sha256: str) -> bytes:
@@ -78,7 +75,7 @@ class SealedWriter:
         self._encryptor = SegmentedEncryptor(self._key, self.object_id.encode())
         self._file = self.path.open("xb")
         self._size = 0
-        self._unsynced = 0
+        self._writeback = WriteBehind(self._file)  # flushed to disk as it grows: close() has little left to do
         self._file.write(self._encryptor.header())
 
     @property
@@ -90,21 +87,19 @@ class SealedWriter:
         out = self._encryptor.update(data)
         if out:
             self._file.write(out)
-            self._unsynced += len(out)
-            if self._unsynced >= SYNC_EVERY_BYTES:
-                self._file.flush()
-                os.fdatasync(self._file.fileno())
-                self._unsynced = 0
+            self._writeback.wrote(len(out))
 
     def close(self) -> SealedObject:
         self._file.write(self._encryptor.finalize())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._writeback.sync()
+        finally:
+            self._file.close()
         return SealedObject(self.object_id, self.kind, self.path, self._key, self._size)
 
     def discard(self) -> None:
         if not self._file.closed:
+            self._writeback.stop()
             self._file.close()
         self.path.unlink(missing_ok=True)
 
