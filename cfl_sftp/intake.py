@@ -29,6 +29,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -104,6 +105,38 @@ class _ImageFile:
             self._file.close()
 
 
+_PACKAGE_HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cfl-package-sha256")
+_HASH_BESIDE_BYTES = 64 << 10
+"""Smaller pieces are hashed in line: handing them to another thread would cost more than hashing them."""
+
+
+class _PackageDigest:
+    """The package's SHA-256, computed in another thread while the reader parses the same piece, hashes the image
+    and writes it: every byte is hashed twice (the package and the image), and the two need not take turns on
+    one core. ``hashlib`` releases the GIL while it hashes. At most one piece is in flight per upload, so the
+    pieces are hashed in order and an upload's memory stays bounded."""
+
+    def __init__(self) -> None:
+        self._sha256 = hashlib.sha256()
+        self._pending: Future[None] | None = None
+
+    def update(self, data: bytes, /) -> None:
+        self._wait()
+        if len(data) < _HASH_BESIDE_BYTES:
+            self._sha256.update(data)
+        else:
+            self._pending = _PACKAGE_HASHERS.submit(self._sha256.update, bytes(data))  # bytes: never mutated
+
+    def hexdigest(self) -> str:
+        self._wait()
+        return self._sha256.hexdigest()
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
 IN_PROGRESS_SUFFIX = ".upload.json"
 """Beside an SFTP upload's temp image: who is uploading what, so that if the node dies, whoever sweeps its scratch
 folder can audit the ``partial-upload`` (:mod:`cfl_sftp.recovery`)."""
@@ -140,6 +173,7 @@ class PackageUpload:
             PackageLimits(limits.max_package_bytes, limits.max_release_notes_bytes),
             image_sink=self._image_file,
             notes_sink=self._notes,
+            package_digest=_PackageDigest(),
         )
         self._whole: SealedObject | None = None  # the whole package sealed again at verdict time, if needed
         self._finished = False

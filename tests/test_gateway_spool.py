@@ -7,6 +7,7 @@ drives it. Whether the image was left out is seen on disk: the size of the spool
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -169,3 +170,18 @@ def test_write_behind_flushes_keep_every_byte(tmp_path: Path) -> None:
     with path.open("rb") as file:
         for n in range(total // len(piece)):
             assert file.read(len(piece)) == piece[n % 256 :] + piece[: n % 256]
+
+
+def test_package_hash_computed_beside_the_reader_is_the_hash_of_every_byte_in_order(td: DeploymentUnderTest) -> None:
+    """Pieces large enough to be hashed in another thread and small ones hashed in line, interleaved."""
+    package = build(PackageSpec(image_size=IMAGE_SIZE, release_notes=b"notes"))
+    job = PackageUpload(td.deployment, ACME, "mixed.cfl")
+    sizes = [100, 1 << 20, 7, 65536, 65535, 300_000]
+    start = 0
+    while start < len(package):
+        piece = sizes[start % len(sizes)]
+        job.write(package[start : start + piece])
+        start += piece
+    receipt = job.complete()
+    assert receipt.outcome is Outcome.ACCEPTED
+    assert receipt.package_sha256 == hashlib.sha256(package).hexdigest()

@@ -122,6 +122,15 @@ def _shown(name: str) -> str:
     return json.dumps(name if len(name) <= 80 else name[:80] + "...")
 
 
+class Digest(Protocol):
+    """A running hash of the whole package, as ``hashlib.sha256()`` is; a caller may pass one that hashes beside
+    the reader's own work (the gateway hashes in another thread, so the two SHA-256s use two cores)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
 class PackageReader:
     """Checks 1 to 4 on a package fed in order, in pieces of any size; see the module docstring."""
 
@@ -130,11 +139,12 @@ class PackageReader:
         limits: PackageLimits,
         image_sink: ContentSink | None = None,
         notes_sink: ContentSink | None = None,
+        package_digest: Digest | None = None,
     ) -> None:
         self._limits = limits
         self._tar = TarStream()
         self._received = 0
-        self._sha256 = hashlib.sha256()
+        self._sha256: Digest = package_digest if package_digest is not None else hashlib.sha256()
         self._problem: GatewayRejection | None = None  # checks 2 (or an unreadable layout): parsing stopped
         self._slot = _Slot.MANIFEST
         self._current: _Slot | None = None  # the slot whose data is streaming
