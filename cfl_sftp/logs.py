@@ -80,7 +80,7 @@ def skip_disabled_asyncssh_logs() -> None:
     """Make asyncssh check its log level before it formats a message, not after.
 
     asyncssh 2.24 turns each argument of its ~60 log calls per login into text, and names and sizes every packet
-    (~75 per login), before ``logging`` drops them all below ``WARNING``: about a tenth of a login's CPU. With
+    (~75 per login), before ``logging`` drops them all below ``WARNING``: about 0.3 ms of a login's 3 ms. With
     this, a call whose level is disabled returns at once; an enabled one is formatted and written exactly as
     before (``SSHLogger.log`` and ``SSHPacketLogger._log_packet`` are wrapped, not rewritten; packet dumps still
     need ``asyncssh.set_debug_level(3)`` and DEBUG).

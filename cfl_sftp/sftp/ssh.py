@@ -306,8 +306,8 @@ class LibrarySSHServer(asyncssh.SSHServer):
 async def _options_unchanged() -> None:
     """In place of ``SSHServerConnection.reload_config``: asyncssh rebuilds a connection's options at each login,
     in a worker thread, so that ``Match`` blocks of an sshd configuration file can apply to the user name. The
-    service gives asyncssh no such file (``config`` unset, no ``rdns_lookup``), so the options could not change:
-    the rebuild and its thread hop were a tenth of a login's CPU."""
+    service gives asyncssh no such file (``config`` unset, no ``rdns_lookup``), so the options could not change,
+    and the rebuild cost a worker-thread hop per login for nothing."""
 
 
 def _admitted(task: asyncio.Task[bool]) -> bool:
