@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from cfl_sftp.service import node_endpoint, start
+from cfl_sftp.sftp.limits import SessionLedger
 from cfl_sftp.storage import limits_store
 from cfl_sftp.storage.db import Database
 from cfl_sftp.storage.models import BanRow, NodeRow, OpenSessionRow
@@ -139,13 +140,38 @@ def test_sessions_of_a_node_silent_for_60_s_no_longer_count(td: DeploymentUnderT
         with db.writing() as session:
             session.add(row)
     with db.writing() as session:  # "alive"'s session counts, "dead"'s does not: the limit of 2 has room
-        assert limits_store.open_session(session, _session("s3", "me"), limit=2, live_after=live_after) == 2
+        assert limits_store.open_sessions(session, [_session("s3", "me")], limit=2, live_after=live_after) == [2]
     with db.writing() as session:  # now it is full
-        assert limits_store.open_session(session, _session("s4", "me"), limit=2, live_after=live_after) is None
+        assert limits_store.open_sessions(session, [_session("s4", "me")], limit=2, live_after=live_after) == [None]
     with db.writing() as session:
         limits_store.sweep(session, "me", NOW, live_after=live_after, failures_before=NOW)
     with db.reading() as session:
         assert sorted(session.scalars(select(OpenSessionRow.session_id))) == ["s1", "s3"]
+
+
+def test_one_batch_of_admissions_counts_the_rows_it_admits_itself(td: DeploymentUnderTest) -> None:
+    db = td.deployment.db
+    live_after = NOW - dt.timedelta(seconds=60)
+    with db.writing() as session:
+        session.add(_session("s1", "me"))
+    batch = [_session("s2", "me"), _session("g1", "me", user="northern-gas"), _session("s3", "me"),
+             _session("g2", "me", user="northern-gas")]
+    with db.writing() as session:
+        assert limits_store.open_sessions(session, batch, limit=2, live_after=live_after) == [2, 1, None, 2]
+    with db.reading() as session:
+        assert sorted(session.scalars(select(OpenSessionRow.session_id))) == ["g1", "g2", "s1", "s2"]
+
+
+async def test_a_session_end_is_written_before_the_next_admission_of_its_node(td: DeploymentUnderTest) -> None:
+    ledger = SessionLedger(td.deployment.db, lambda: 1, lambda: NOW)
+    assert await ledger.open(_session("s1", "me")) == 1
+    ended = ledger.close("s1")  # waits for an admission to share its transaction
+    assert await ledger.open(_session("s2", "me")) == 1  # not refused: s1's end went first
+    assert ended.done()
+    assert await ledger.open(_session("s3", "me")) is None
+    await asyncio.wait_for(ledger.close("s2"), 5)  # with no admission to wait for, written by itself
+    with td.deployment.db.reading() as session:
+        assert list(session.scalars(select(OpenSessionRow.session_id))) == []
 
 
 def test_a_restarted_node_drops_the_sessions_its_previous_run_left(td: DeploymentUnderTest) -> None:

@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 
 BAN_REFRESH_SECONDS = 0.5
 """How often a node reads the bans other nodes decided: a ban holds everywhere within about a second."""
+CLOSE_WAIT_SECONDS = 0.02
+"""How long a session end may wait for an admission to share its transaction (as audit entries do)."""
 CLOSE_RETRY_SECONDS = 1.0
 """How soon the removal of ended sessions' rows is tried again after the database refused it."""
 SWEEP_SECONDS = 15.0
@@ -262,8 +264,11 @@ class SessionLedger:
     """The open-sessions table, written in group commits: one transaction (one fsync on SQLite) for every
     admission and session end that arrived while the previous one was being written, not one per login.
 
-    Admission stays exact: in the batch's transaction each new session counts its user's rows on live nodes
-    under that user's lock, rows added earlier in the same batch included.
+    Admissions are written at once (a login waits for its answer). Session ends wait up to
+    :data:`CLOSE_WAIT_SECONDS` for an admission to share its transaction; whenever an admission is written, every
+    session end this node has seen is removed first, in the same transaction, so this node's own ends never
+    count against its admissions. Admission stays exact: the batch counts each user's rows on live nodes once,
+    under that user's lock, and then the rows it admits itself.
     """
 
     def __init__(self, db: Database, limit: Callable[[], int], clock: Callable[[], dt.datetime]) -> None:
@@ -273,21 +278,26 @@ class SessionLedger:
         self._opens: list[tuple[OpenSessionRow, asyncio.Future[int | None]]] = []
         self._closes: list[tuple[str, asyncio.Future[None]]] = []
         self._writing: asyncio.Task[None] | None = None
+        self._closes_due: asyncio.TimerHandle | None = None
 
     def open(self, row: OpenSessionRow) -> asyncio.Future[int | None]:
         """Resolves to the user's session count with ``row``, or None when the limit refused it."""
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._opens.append((row, future))
-        self._kick()
+        self._write_now()
         return future
 
     def close(self, session_id: str) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._closes.append((session_id, future))
-        self._kick()
+        if self._writing is None and self._closes_due is None:
+            self._closes_due = asyncio.get_running_loop().call_later(CLOSE_WAIT_SECONDS, self._write_now)
         return future
 
-    def _kick(self) -> None:
+    def _write_now(self) -> None:
+        if self._closes_due is not None:
+            self._closes_due.cancel()
+            self._closes_due = None
         if self._writing is None:
             self._writing = asyncio.ensure_future(self._write_batches())
 
@@ -314,19 +324,17 @@ class SessionLedger:
                 for _, closed in closes:
                     if not closed.done():
                         closed.set_result(None)
+                if not self._opens:
+                    break  # ends that arrived meanwhile wait for the next admission, or CLOSE_WAIT_SECONDS
         finally:
             self._writing = None
+        if self._opens or self._closes:
+            self._closes_due = asyncio.get_running_loop().call_later(CLOSE_WAIT_SECONDS, self._write_now)
 
     def _apply(self, opens: list[OpenSessionRow], closes: list[str]) -> list[int | None]:
-        """One transaction; on PostgreSQL each admission takes its user's advisory lock, so they are taken in
-        user order (two nodes' batches holding [a, b] and [b, a] would otherwise deadlock)."""
+        """One transaction: this node's ended sessions go first, then the admissions are counted and written."""
         limit = self._limit()
         live_after = self._clock() - dt.timedelta(seconds=NODE_LIVE_SECONDS)
-        order = sorted(range(len(opens)), key=lambda i: opens[i].user)
-        counts: list[int | None] = [None] * len(opens)
         with self._db.writing() as session:
-            for session_id in closes:
-                limits_store.close_session(session, session_id)
-            for i in order:
-                counts[i] = limits_store.open_session(session, opens[i], limit=limit, live_after=live_after)
-        return counts
+            limits_store.close_sessions(session, closes)
+            return limits_store.open_sessions(session, opens, limit=limit, live_after=live_after)

@@ -224,6 +224,7 @@ class LibrarySSHServer(asyncssh.SSHServer):
             return
         self._admitted = True
         self._auth.attach(conn)  # sees each certificate whole (asyncssh's hooks get only its CA key)
+        conn.reload_config = _options_unchanged  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._runtime.credentials.discard(self._session_id)
@@ -300,6 +301,13 @@ class LibrarySSHServer(asyncssh.SSHServer):
         if info is None:
             return None
         return LibrarySession(self._runtime, info)
+
+
+async def _options_unchanged() -> None:
+    """In place of ``SSHServerConnection.reload_config``: asyncssh rebuilds a connection's options at each login,
+    in a worker thread, so that ``Match`` blocks of an sshd configuration file can apply to the user name. The
+    service gives asyncssh no such file (``config`` unset, no ``rdns_lookup``), so the options could not change,
+    and the rebuild cost a worker-thread hop per login for nothing."""
 
 
 def _admitted(task: asyncio.Task[bool]) -> bool:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import zlib
+from collections.abc import Sequence
 
-from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy import delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -72,24 +73,47 @@ def _live_node(node_id: str, live_after: dt.datetime) -> ColumnElement[bool]:
     return or_(OpenSessionRow.node_id == node_id, OpenSessionRow.node_id.in_(live))
 
 
-def open_session(
-    session: Session, row: OpenSessionRow, *, limit: int, live_after: dt.datetime
-) -> int | None:
-    """Record ``row`` if its user has fewer than ``limit`` sessions on live nodes; return the count with it,
-    or None (nothing recorded) when the limit is reached."""
-    _lock(session, _SESSION_LOCK_SPACE, row.user)
-    count = session.scalar(
-        select(func.count()).select_from(OpenSessionRow)
-        .where(OpenSessionRow.user == row.user, _live_node(row.node_id, live_after))
-    ) or 0
-    if count >= limit:
-        return None
-    session.add(row)
-    return count + 1
+_OPEN_SESSION_COLUMNS = tuple(column.key for column in OpenSessionRow.__table__.columns)
 
 
-def close_session(session: Session, session_id: str) -> None:
-    session.execute(delete(OpenSessionRow).where(OpenSessionRow.session_id == session_id))
+def open_sessions(
+    session: Session, rows: Sequence[OpenSessionRow], *, limit: int, live_after: dt.datetime
+) -> list[int | None]:
+    """Record each of ``rows`` (one node's, in order) whose user has fewer than ``limit`` sessions on live nodes,
+    counting the rows admitted before it; per row, its user's count with it, or None (not recorded).
+
+    One count per user and one multi-row insert, whatever the batch (the login path's cost per session): the
+    rows are plain values here and are inserted with Core, never added to ``session``.
+    """
+    if not rows:
+        return []
+    users = sorted({row.user for row in rows})
+    for user in users:  # in user order: two nodes' batches holding [a, b] and [b, a] would otherwise deadlock
+        _lock(session, _SESSION_LOCK_SPACE, user)
+    connection = session.connection()
+    counts: dict[str, int] = {user: count for user, count in connection.execute(
+        select(OpenSessionRow.user, func.count())
+        .where(OpenSessionRow.user.in_(users), _live_node(rows[0].node_id, live_after))
+        .group_by(OpenSessionRow.user)
+    )}
+    answers: list[int | None] = []
+    admitted = []
+    for row in rows:
+        count = counts.get(row.user, 0)
+        if count >= limit:
+            answers.append(None)
+            continue
+        counts[row.user] = count + 1
+        answers.append(count + 1)
+        admitted.append({key: getattr(row, key) for key in _OPEN_SESSION_COLUMNS})
+    if admitted:
+        connection.execute(insert(OpenSessionRow), admitted)
+    return answers
+
+
+def close_sessions(session: Session, session_ids: Sequence[str]) -> None:
+    if session_ids:
+        session.connection().execute(delete(OpenSessionRow).where(OpenSessionRow.session_id.in_(session_ids)))
 
 
 def drop_previous_runs(session: Session, endpoint: str, node_id: str) -> int:
