@@ -31,7 +31,7 @@ import ipaddress
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -287,8 +287,10 @@ class _HeaderReader(asyncio.Protocol):
         return tuple(peer) if peer else ("unknown", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a TCP server makes stream transports only
-        self._transport = transport
+        # A TCP server makes stream transports only. No isinstance check: uvloop's transports implement the
+        # asyncio.Transport interface without deriving from it, and an assert here failed every connection
+        # before it could read its header (no SSH banner) when serving on uvloop.
+        self._transport = cast(asyncio.Transport, transport)
         if not is_trusted(str(self._tcp_peer()[0]), self._trusted):
             self._refuse(UNTRUSTED_REASON, "the peer is not in trusted_proxies")
             return
