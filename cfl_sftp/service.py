@@ -35,6 +35,7 @@ from cfl_sftp.availability import DatabaseAvailability
 from cfl_sftp.config import Config, ConfigError, load_config, reloaded
 from cfl_sftp.deployment import Deployment, KeyFileError, load_keyring
 from cfl_sftp.domain.errors import PolicyError
+from cfl_sftp.event_loop import loop_kind, new_event_loop
 from cfl_sftp.logs import configure_logging
 from cfl_sftp.policy import PolicySnapshot, load_policy_set
 from cfl_sftp.policy.reloader import PolicyReloader
@@ -450,7 +451,7 @@ async def start(config: Config, deployment: Deployment | None = None, notifier: 
     # SPEC 9: each node logs the digest of its configuration beside that of its policy set, to compare nodes.
     config_digest = hashlib.sha256(config.path.read_bytes()).hexdigest() if config.path is not None else None
     log.info("service_started", listen=list(config.listen), ports=service.ports, policy_digest=snapshot.digest,
-             config_digest=config_digest, node=node_id)
+             config_digest=config_digest, node=node_id, event_loop=loop_kind(asyncio.get_running_loop()))
     return service
 
 
@@ -503,7 +504,8 @@ async def _serve(config: Config) -> None:
 def serve(config: Config) -> int:
     configure_logging()
     try:
-        asyncio.run(_serve(config))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_serve(config))
     except PolicyError as exc:
         for problem in exc.errors:
             log.error("policy_refused", error=str(problem))

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cfl_sftp.event_loop import new_event_loop
 from tests.databases import fresh_postgresql_database
 from tests.deployments import DeploymentUnderTest, make_deployment
 from tests.sftp_support import SEEDED_CHF, SEEDED_ESME, SftpServer, make_template, start_sftp_server
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Every async test, and the services it starts in its own loop, run on the loop ``cfl-sftp serve`` runs on
+    (uvloop where installed): the suite checks what ships. One factory, so test names are unchanged."""
+    return {"serve-loop": new_event_loop}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from structlog.testing import capture_logs
 
 from cfl_sftp.config import load_config
 from cfl_sftp.deployment import Deployment
+from cfl_sftp.event_loop import loop_kind
 from cfl_sftp.intake import PackageUpload, Uploader, feed_chunks
 from cfl_sftp.sdnotify import Notifier, monotonic_usec, watchdog_seconds
 from cfl_sftp.sftp.activity import (
@@ -298,6 +300,11 @@ def test_a_stop_closes_what_has_nothing_in_progress_and_what_went_quiet_with_a_f
 # -- ready, reload, stop: a real `cfl-sftp serve` ------------------------------------------------------------
 
 
+async def test_the_suite_runs_its_services_on_the_loop_serve_runs_on() -> None:
+    # tests/conftest.py gives pytest-asyncio the serve loop's factory: in-process services run as they ship.
+    assert loop_kind(asyncio.get_running_loop()) == ("uvloop" if find_spec("uvloop") else "asyncio")
+
+
 async def test_ready_is_sent_once_the_port_accepts_ssh(tmp_path: Path) -> None:
     td = await asyncio.to_thread(deployment_for_serve, tmp_path)
     with notify_socket() as notify:
@@ -313,6 +320,7 @@ async def test_ready_is_sent_once_the_port_accepts_ssh(tmp_path: Path) -> None:
             started = await service.log_event("service_started")  # SPEC 9: digests to compare nodes by
             assert started["config_digest"] == hashlib.sha256(td.config_path.read_bytes()).hexdigest()
             assert len(started["policy_digest"]) == 64
+            assert started["event_loop"] == ("uvloop" if find_spec("uvloop") else "asyncio")  # the faster loop
             service.signal(signal.SIGTERM)
             assert await service.exit_code() == 0
 
