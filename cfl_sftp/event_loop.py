@@ -1,9 +1,9 @@
 """The event loop ``cfl-sftp serve`` runs on: uvloop where it is installed, asyncio's own loop otherwise.
 
-uvloop (libuv, in Cython) does the loop's per-event work (socket reads and writes, callbacks, timers) in C; on a
-1 GiB ``sftp`` download it cut the server's CPU seconds per GB by about a fifth (benchmarks/README.md). It is a
-dependency on the platforms it supports; elsewhere (PyPy, Windows, a build without it) the service runs on
-asyncio's loop with the same behaviour, only slower, and says which in its ``service_started`` line.
+uvloop (libuv, in Cython) does the loop's own work (socket reads and writes, callbacks, timers) in C, which
+saves CPU on every packet and every login (figures in benchmarks/README.md). It is a dependency on the platforms
+it supports; elsewhere (PyPy, Windows, a build without it) the service runs on asyncio's loop with the same
+behaviour, only slower, and says which in its ``service_started`` line.
 
 The test suite runs its in-process services on the same kind of loop (tests/conftest.py), so it checks what
 ships. What this module leaves to others: running the service (:mod:`cfl_sftp.service`).

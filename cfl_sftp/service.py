@@ -30,6 +30,7 @@ import asyncssh
 import structlog
 
 from cfl_sftp import recovery, sdnotify
+from cfl_sftp.allocator import keep_reply_buffers_on_the_heap
 from cfl_sftp.audit_trail import AuditSigner, make_checkpoint
 from cfl_sftp.availability import DatabaseAvailability
 from cfl_sftp.config import Config, ConfigError, load_config, reloaded
@@ -503,6 +504,7 @@ async def _serve(config: Config) -> None:
 
 def serve(config: Config) -> int:
     configure_logging()
+    keep_reply_buffers_on_the_heap()
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(_serve(config))
