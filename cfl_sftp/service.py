@@ -45,6 +45,7 @@ from cfl_sftp.sdnotify import Notifier
 from cfl_sftp.sftp import activity
 from cfl_sftp.sftp.proxy import UNTRUSTED_REASON, WAITING_CAP_REASON, ProxyProtocolListener
 from cfl_sftp.sftp.ssh import LibrarySSHServer
+from cfl_sftp.sftp.transport import DirectListener
 from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.vault_admin import NODE_HEARTBEAT_SECONDS, node_stopped, record_node_heartbeat
 
@@ -397,7 +398,9 @@ async def start(config: Config, deployment: Deployment | None = None, notifier: 
     servers = []
     # Behind a load balancer each connection starts with its PROXY header (SPEC 9); asyncssh's tunnel hook lets
     # sftp.proxy read it first, so that every peername asyncssh reports is the client's.
-    extra: dict[str, object] = {}
+    # Otherwise our DirectListener accepts them, so that each connection's writes go out once per loop turn.
+    # Either way our listener accepts them, with the backlog below (asyncssh's own backlog= does not apply then).
+    extra: dict[str, object] = {"tunnel": DirectListener(LISTEN_BACKLOG)}
     if config.proxy_protocol:
         if not config.trusted_proxies:
             log.warning("proxy_headers_trusted_from_anyone",
@@ -427,7 +430,6 @@ async def start(config: Config, deployment: Deployment | None = None, notifier: 
                 login_timeout=60,
                 # No GSS-API (asyncssh would otherwise also look up this host's FQDN again at every login).
                 gss_host=None,
-                backlog=LISTEN_BACKLOG,
             )
         )
     reload_event = asyncio.Event()

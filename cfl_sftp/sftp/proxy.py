@@ -31,9 +31,11 @@ import ipaddress
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import structlog
+
+from cfl_sftp.sftp.transport import ConnectionFactory, ListeningServer, SockAddr, hand_over
 
 log = structlog.get_logger(__name__)
 
@@ -46,9 +48,6 @@ V2_MAX_ADDRESS_BLOCK = 4096
 
 HEADER_TIMEOUT_SECONDS = 5.0
 """A connection whose header is not complete by then is closed: a balancer sends it at once."""
-
-SockAddr = tuple[Any, ...]
-
 
 class ProxyHeaderError(ValueError):
     """The bytes received cannot be (the start of) a valid PROXY header; ``reason`` is a stable code."""
@@ -167,73 +166,8 @@ def parse_proxy_header(data: bytes) -> ProxyHeader | None:
 # -- the asyncio side -----------------------------------------------------------------------------------
 
 
-class _ProxiedTransport(asyncio.Transport):
-    """The accepted TCP transport as asyncssh sees it: the client's address as ``peername``."""
-
-    def __init__(self, transport: asyncio.Transport, peername: SockAddr) -> None:
-        super().__init__()
-        self._inner = transport
-        self._peername = peername
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "peername":
-            return self._peername
-        if name == "proxy_peername":
-            return self._inner.get_extra_info("peername", default)
-        return self._inner.get_extra_info(name, default)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._inner.write(data)
-
-    def writelines(self, list_of_data: Any) -> None:
-        self._inner.writelines(list_of_data)
-
-    def write_eof(self) -> None:
-        self._inner.write_eof()
-
-    def can_write_eof(self) -> bool:
-        return self._inner.can_write_eof()
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def abort(self) -> None:
-        self._inner.abort()
-
-    def is_closing(self) -> bool:
-        return self._inner.is_closing()
-
-    def pause_reading(self) -> None:
-        self._inner.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._inner.resume_reading()
-
-    def is_reading(self) -> bool:
-        return self._inner.is_reading()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._inner.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        return self._inner.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._inner.get_write_buffer_limits()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._inner.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._inner.get_protocol()
-
-
 RefusalHook = Callable[[str, str], None]
 """Called with (TCP peer address, reason) when a connection is closed for want of a valid header."""
-
-ConnectionFactory = Callable[[str, int], Any]
-"""asyncssh's factory for a new SSH connection (an ``asyncio.Protocol``), given the original host and port."""
-
 
 WAITING_CAP_REASON = "unauthenticated-connections"
 """The reason given to the refusal hook when too many connections are still waiting for their header."""
@@ -339,9 +273,7 @@ class _HeaderReader(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         peer = header.source or self._tcp_peer()
-        connection: asyncio.Protocol = self._factory(str(peer[0]), int(peer[1]))
-        transport.set_protocol(connection)
-        connection.connection_made(_ProxiedTransport(transport, peer))
+        connection = hand_over(transport, self._factory, peer, peername=peer)
         rest = self._buffer[header.length :]
         self._buffer = b""
         if rest and not transport.is_closing():
@@ -358,29 +290,6 @@ class _HeaderReader(asyncio.Protocol):
             log.info("proxy_header_incomplete", peer=f"{peer[0]}:{peer[1]}", bytes_received=len(self._buffer))
 
 
-class ProxiedServer:
-    """What asyncssh's acceptor wraps: our TCP server, with the calls ``SSHAcceptor`` and the service make."""
-
-    def __init__(self, server: asyncio.Server) -> None:
-        self._server = server
-
-    def get_addresses(self) -> list[SockAddr]:
-        return [sock.getsockname() for sock in self._server.sockets]
-
-    def get_port(self) -> int:
-        ports = {address[1] for address in self.get_addresses()}
-        return ports.pop() if len(ports) == 1 else 0
-
-    def close(self) -> None:
-        self._server.close()
-
-    async def wait_closed(self) -> None:
-        await self._server.wait_closed()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._server, name)
-
-
 class ProxyProtocolListener:
     """``asyncssh.create_server(tunnel=ProxyProtocolListener(...))``: TCP connections that start with a PROXY
     header (asyncssh calls :meth:`create_server` with its own connection factory)."""
@@ -394,7 +303,7 @@ class ProxyProtocolListener:
         self._timeout = timeout
 
     async def create_server(self, session_factory: ConnectionFactory, listen_host: str,
-                            listen_port: int) -> ProxiedServer:
+                            listen_port: int) -> ListeningServer:
         timeout = self._timeout if self._timeout is not None else HEADER_TIMEOUT_SECONDS
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
@@ -403,7 +312,7 @@ class ProxyProtocolListener:
             listen_port,
             backlog=self._backlog,
         )
-        return ProxiedServer(server)
+        return ListeningServer(server)
 
     def close(self) -> None:
         """Part of asyncssh's tunnel contract; the servers made here are closed through their acceptors."""
