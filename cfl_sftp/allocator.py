@@ -1,7 +1,8 @@
 """glibc's malloc thresholds for ``cfl-sftp serve``: the buffers of SFTP replies stay in memory that is reused.
 
 Every READ reply passes through several fresh buffers of about 256 KiB (the file's bytes, then asyncssh's SFTP
-and SSH channel framing), each alive for microseconds. glibc serves requests that large with ``mmap``, or, once
+and SSH channel framing), and every MiB of an upload through one of 1 MiB (its WRITEs joined), each alive for
+microseconds. glibc serves requests that large with ``mmap``, or, once
 its dynamic threshold has risen past them, from the top of the heap, which it hands back to the kernel whenever
 more than twice that threshold lies free there. Both ways the kernel maps and zeroes fresh pages for every reply:
 a 1 GiB download took about a million page faults, and the kernel's share was two thirds of the server's CPU
@@ -21,8 +22,10 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 """mallopt(3)'s parameter numbers (glibc's malloc.h)."""
 
-MMAP_THRESHOLD_BYTES = 1 << 20
-"""Larger than any reply buffer (255 KiB of data plus framing), well below what a policy load allocates at once."""
+MMAP_THRESHOLD_BYTES = 4 << 20
+"""Larger than any reply buffer (255 KiB of data plus framing) and than an upload's batch (1 MiB of WRITEs joined
+into one piece, :data:`cfl_sftp.sftp.handles.UPLOAD_BATCH_BYTES`), well below what a policy load allocates at
+once."""
 TRIM_THRESHOLD_BYTES = 16 << 20
 """Free heap kept mapped at most: 200 sessions' replies in flight come and go within it."""
 
