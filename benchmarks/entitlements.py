@@ -396,7 +396,7 @@ async def run(shape: Shape, workdir: Path, args: argparse.Namespace) -> None:
     settle_heap()  # as `serve` does once started
     runtime.install_policy = timed_install  # type: ignore[method-assign]
     service.policies._install = timed_install  # the service's watcher took the bound method at start
-    print(f"service started in {time.perf_counter() - t0:.1f} s (start-up load in a thread); "
+    print(f"service started in {time.perf_counter() - t0:.1f} s (a set this large loads in a worker process); "
           f"service RSS {mib(rss_bytes())} MiB", flush=True)
     runtime._trees = TreeCache.of(catalogue_of(shape))  # the benchmark stands in for the database
 

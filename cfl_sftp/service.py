@@ -38,8 +38,7 @@ from cfl_sftp.deployment import Deployment, KeyFileError, load_keyring
 from cfl_sftp.domain.errors import PolicyError
 from cfl_sftp.event_loop import loop_kind, new_event_loop
 from cfl_sftp.logs import configure_logging
-from cfl_sftp.policy import PolicySnapshot, load_policy_set
-from cfl_sftp.policy.reloader import PolicyReloader
+from cfl_sftp.policy.reloader import PolicyReloader, load_at_start
 from cfl_sftp.runtime import Runtime, settle_heap
 from cfl_sftp.sdnotify import Notifier
 from cfl_sftp.sftp import activity
@@ -273,11 +272,6 @@ def _read_config(path: Path) -> tuple[Config, str]:
     return load_config(path), digest
 
 
-def load_policy_or_empty(config: Config) -> PolicySnapshot:
-    """The policy set at start-up; an invalid set refuses to start (there is no older one to keep)."""
-    return load_policy_set(config.policies_dir)
-
-
 async def _poll_catalogue(runtime: Runtime) -> None:
     """Also the node's first sign of a database outage: a read every second."""
     while True:
@@ -388,7 +382,7 @@ async def start(config: Config, deployment: Deployment | None = None, notifier: 
     # Scratch folders are per process: only those of processes that died are cleared (cfl_sftp.recovery).
     deployment.scratch.acquire()  # at once: a node holds its claim for as long as it runs
     await asyncio.to_thread(recovery.sweep_dead_scratch, deployment)
-    snapshot = await asyncio.to_thread(load_policy_or_empty, config)
+    snapshot = await asyncio.to_thread(load_at_start, config.policies_dir)  # invalid: no start
     runtime = Runtime(deployment, snapshot)
     await asyncio.to_thread(runtime.refresh_catalogue_now)
     # Loaded once: given paths, asyncssh would re-read and re-check every host key at each login.

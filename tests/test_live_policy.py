@@ -21,6 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from cfl_sftp.domain.entitlement import EstateView, build_estate_view
+from cfl_sftp.domain.errors import PolicyError
 from cfl_sftp.domain.model import DeviceModel
 from cfl_sftp.policy import PolicySnapshot, load_policy_set
 from cfl_sftp.policy.reloader import (
@@ -29,6 +30,7 @@ from cfl_sftp.policy.reloader import (
     Refused,
     ReloadSettings,
     Unchanged,
+    load_at_start,
     load_in_process,
     stamp_policy_folder,
 )
@@ -437,6 +439,17 @@ def test_a_worker_process_reports_problems_with_file_and_line(policy_dir: Path) 
 
     assert isinstance(result, Refused)
     assert [str(p).split(": ")[0] for p in result.errors()] == ["estates/southern-power.csv:2"]
+
+
+def test_a_large_set_at_start_is_read_in_a_worker_process_with_the_same_outcome(policy_dir: Path) -> None:
+    direct = load_policy_set(policy_dir)
+    assert load_at_start(policy_dir, process_threshold_bytes=0).digest == direct.digest  # the process path
+    assert load_at_start(policy_dir).digest == direct.digest  # a small set: in the calling thread
+    (policy_dir / "estates" / "southern-power.csv").write_text(HEADER + "G1,1A2B,0002,01000,,\n")
+    for threshold in (0, None):
+        with pytest.raises(PolicyError) as refused:
+            load_at_start(policy_dir, process_threshold_bytes=threshold)
+        assert [str(p).split(": ")[0] for p in refused.value.errors] == ["estates/southern-power.csv:2"]
 
 
 async def test_a_large_set_is_loaded_in_a_worker_process(policy_dir: Path) -> None:

@@ -228,6 +228,23 @@ def load_in_process(
     return result  # type: ignore[no-any-return]
 
 
+def load_at_start(directory: Path, *, process_threshold_bytes: int | None = None) -> PolicySnapshot:
+    """The policy set a service starts with, read as a reload would read it: a set whose estates exceed the
+    threshold in a worker process, so the service never keeps the heap that parsing millions of rows needed
+    (it kept 150 MiB more of it at random, from one start to the next). Blocking: call it in a thread.
+
+    Raises :class:`PolicyError` for an invalid set: there is no older one to keep.
+    """
+    threshold = ReloadSettings().process_threshold_bytes if process_threshold_bytes is None else process_threshold_bytes
+    if estate_bytes(stamp_policy_folder(directory)) <= threshold:
+        return load_policy_set(directory)
+    result = load_in_process(directory, utc_today(), frozenset())
+    if isinstance(result, Refused):
+        raise PolicyError(result.errors())
+    assert isinstance(result, Loaded)  # nothing is known yet, so nothing is Unchanged
+    return result.snapshot
+
+
 # -- the watcher -----------------------------------------------------------------------------------------
 
 
