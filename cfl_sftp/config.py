@@ -198,12 +198,16 @@ def _trusted_proxies(value: object) -> tuple[IPNetwork, ...]:
     """``trusted_proxies``: addresses or CIDR networks of the load balancers (``["10.0.0.5", "10.0.1.0/24"]``)."""
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ConfigError('trusted_proxies must be a list of addresses or networks, e.g. ["10.0.0.5", "10.0.1.0/24"]')
-    networks = []
+    networks: list[IPNetwork] = []
     for item in value:
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ConfigError(f"trusted_proxies: {item!r} is not an IP address or network") from None
+        mapped = network.network_address.ipv4_mapped if isinstance(network, ipaddress.IPv6Network) else None
+        if mapped is not None and network.prefixlen >= 96:  # peers are compared as IPv4, as the PROXY layer sees them
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        networks.append(network)
     return tuple(networks)
 
 

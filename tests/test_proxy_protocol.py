@@ -305,3 +305,14 @@ def test_a_bad_trusted_proxies_value_is_a_clear_configuration_error(tmp_path: Pa
     path.write_text(f"proxy_protocol = true\ntrusted_proxies = {value}\n")
     with pytest.raises(ConfigError, match="trusted_proxies"):
         load_config(path)
+
+
+def test_a_trusted_network_written_as_ipv4_mapped_ipv6_matches_ipv4_peers(tmp_path: Path) -> None:
+    """Peers are compared as IPv4 (a mapped source is reported as IPv4), so the configuration is read the same way."""
+    path = tmp_path / "cfl-sftp.toml"
+    path.write_text('proxy_protocol = true\ntrusted_proxies = ["::ffff:10.0.0.0/104", "::ffff:192.0.2.7"]\n')
+    trusted = load_config(path).trusted_proxies
+    assert [str(n) for n in trusted] == ["10.0.0.0/8", "192.0.2.7/32"]
+    assert is_trusted("10.1.2.3", trusted)
+    assert is_trusted("::ffff:192.0.2.7", trusted)
+    assert not is_trusted("192.0.2.8", trusted)

@@ -5,10 +5,10 @@ once the keys are in use, so a 255 KiB READ reply becomes 16 transport writes of
 16 system calls. :class:`CoalescingTransport` queues the writes a connection makes during one callback and
 passes them to the socket in one ``writelines`` (one ``writev``) at the loop's next turn; on a 1 GiB download
 that is a few per cent less server CPU per GB and 5-30 % more MB/s, as the client is woken once per reply
-(benchmarks/README.md). Nothing else changes: the same bytes in the
-same order, flow control by the socket transport's own buffer limits (queued bytes count in
+(benchmarks/README.md). Nothing else changes: the same bytes in the same order (queued bytes count in
 ``get_write_buffer_size``, and the queue never exceeds :data:`QUEUE_LIMIT_BYTES`), and a close or EOF sends
-what is queued first.
+what is queued first. What bounds the bytes buffered per connection is, as before, the SSH channel windows and
+our READ handler's wait for earlier replies to drain: asyncssh ignores the transport's ``pause_writing``.
 
 asyncssh accepts connections through our listener by its documented ``tunnel=`` hook for listeners that are
 not plain TCP: :class:`DirectListener` hands each accepted connection straight to asyncssh, and
@@ -60,7 +60,7 @@ class CoalescingTransport(asyncio.Transport):
         self._queued.append(data)  # asyncssh writes each packet as new bytes and never touches them again
         self._queued_bytes += len(data)
         if self._queued_bytes >= QUEUE_LIMIT_BYTES:
-            self._flush()  # the socket transport's own limits (and asyncssh's back-pressure) take over from here
+            self._flush()  # at most one reply waits: the socket transport buffers the rest, as without us
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)

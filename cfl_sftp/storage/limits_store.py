@@ -60,11 +60,16 @@ def record_failed_login(
     return count
 
 
+def _lock_key(name: str) -> int:
+    """The advisory-lock key of ``name``: a signed 32-bit int, as PostgreSQL's two-key form wants."""
+    return zlib.crc32(name.encode()) - (1 << 31)
+
+
 def _lock(session: Session, space: int, name: str) -> None:
-    """Serialise transactions about ``name`` until this one ends (PostgreSQL; SQLite's writers are serial)."""
+    """Serialise transactions about ``name`` (and any name sharing its key) until this one ends (PostgreSQL;
+    SQLite's writers are serial)."""
     if session.get_bind().dialect.name == "postgresql":
-        key = zlib.crc32(name.encode())
-        session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": space, "key": key - (1 << 31)})
+        session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": space, "key": _lock_key(name)})
 
 
 def _live_node(node_id: str, live_after: dt.datetime) -> ColumnElement[bool]:
@@ -88,7 +93,9 @@ def open_sessions(
     if not rows:
         return []
     users = sorted({row.user for row in rows})
-    for user in users:  # in user order: two nodes' batches holding [a, b] and [b, a] would otherwise deadlock
+    # In the order of the keys actually locked, each once: two nodes' batches taking [a, b] and [b, a] would
+    # deadlock, and two names may share a key.
+    for user in sorted({_lock_key(user): user for user in users}.values(), key=_lock_key):
         _lock(session, _SESSION_LOCK_SPACE, user)
     connection = session.connection()
     counts: dict[str, int] = {user: count for user, count in connection.execute(
