@@ -92,11 +92,8 @@ class AuditWriter:
             else event
             for event, at in queued
         ]
-        with self._db.writing() as session:
-            if events:
-                audit_store.append_many(session, events)
-            else:
-                session.connection()  # a probe: an empty writing transaction (BEGIN IMMEDIATE on SQLite)
+        with self._db.writing_rows() as connection:  # empty, a probe: BEGIN IMMEDIATE on SQLite
+            audit_store.append_many(connection, events)
 
     async def flush(self, *, everything: bool = False) -> bool:
         """Write what is queued (and, with ``everything``, the refusals of the current minute too). During an

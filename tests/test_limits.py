@@ -14,6 +14,7 @@ from cfl_sftp.service import node_endpoint, start
 from cfl_sftp.sftp.limits import SessionLedger
 from cfl_sftp.storage import limits_store
 from cfl_sftp.storage.db import Database
+from cfl_sftp.storage.limits_store import OpenSession
 from cfl_sftp.storage.models import BanRow, NodeRow, OpenSessionRow
 from tests.cluster import free_port
 from tests.deployments import DeploymentUnderTest
@@ -120,9 +121,14 @@ NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 
 
 def _session(session_id: str, node: str, user: str = "northern-ops", endpoint: str = "host 127.0.0.1:2222"
-             ) -> OpenSessionRow:
-    return OpenSessionRow(session_id=session_id, node_id=node, endpoint=endpoint, user=user, peer="127.0.0.1:1",
-                          opened_at=NOW)
+             ) -> OpenSession:
+    return OpenSession(session_id=session_id, node_id=node, endpoint=endpoint, user=user, peer="127.0.0.1:1",
+                       opened_at=NOW)
+
+
+def _record(db: Database, *sessions: OpenSession) -> None:
+    with db.writing() as session:
+        session.add_all(OpenSessionRow(**opened._asdict()) for opened in sessions)
 
 
 def _beat(db: Database, node: str, seconds_ago: int, now: dt.datetime = NOW) -> None:
@@ -136,13 +142,11 @@ def test_sessions_of_a_node_silent_for_60_s_no_longer_count(td: DeploymentUnderT
     _beat(db, "alive", 10)
     _beat(db, "dead", 61)
     live_after = NOW - dt.timedelta(seconds=60)
-    for row in (_session("s1", "alive"), _session("s2", "dead")):
-        with db.writing() as session:
-            session.add(row)
-    with db.writing() as session:  # "alive"'s session counts, "dead"'s does not: the limit of 2 has room
-        assert limits_store.open_sessions(session, [_session("s3", "me")], limit=2, live_after=live_after) == [2]
-    with db.writing() as session:  # now it is full
-        assert limits_store.open_sessions(session, [_session("s4", "me")], limit=2, live_after=live_after) == [None]
+    _record(db, _session("s1", "alive"), _session("s2", "dead"))
+    with db.writing_rows() as rows:  # "alive"'s session counts, "dead"'s does not: the limit of 2 has room
+        assert limits_store.open_sessions(rows, [_session("s3", "me")], limit=2, live_after=live_after) == [2]
+    with db.writing_rows() as rows:  # now it is full
+        assert limits_store.open_sessions(rows, [_session("s4", "me")], limit=2, live_after=live_after) == [None]
     with db.writing() as session:
         limits_store.sweep(session, "me", NOW, live_after=live_after, failures_before=NOW)
     with db.reading() as session:
@@ -152,12 +156,11 @@ def test_sessions_of_a_node_silent_for_60_s_no_longer_count(td: DeploymentUnderT
 def test_one_batch_of_admissions_counts_the_rows_it_admits_itself(td: DeploymentUnderTest) -> None:
     db = td.deployment.db
     live_after = NOW - dt.timedelta(seconds=60)
-    with db.writing() as session:
-        session.add(_session("s1", "me"))
+    _record(db, _session("s1", "me"))
     batch = [_session("s2", "me"), _session("g1", "me", user="northern-gas"), _session("s3", "me"),
              _session("g2", "me", user="northern-gas")]
-    with db.writing() as session:
-        assert limits_store.open_sessions(session, batch, limit=2, live_after=live_after) == [2, 1, None, 2]
+    with db.writing_rows() as rows:
+        assert limits_store.open_sessions(rows, batch, limit=2, live_after=live_after) == [2, 1, None, 2]
     with db.reading() as session:
         assert sorted(session.scalars(select(OpenSessionRow.session_id))) == ["g1", "g2", "s1", "s2"]
 
@@ -176,8 +179,7 @@ async def test_a_session_end_is_written_before_the_next_admission_of_its_node(td
 
 def test_a_restarted_node_drops_the_sessions_its_previous_run_left(td: DeploymentUnderTest) -> None:
     db = td.deployment.db
-    with db.writing() as session:
-        session.add_all([_session("old", "run-1"), _session("other", "node-b", endpoint="host 127.0.0.1:2223")])
+    _record(db, _session("old", "run-1"), _session("other", "node-b", endpoint="host 127.0.0.1:2223"))
     with db.writing() as session:
         assert limits_store.drop_previous_runs(session, "host 127.0.0.1:2222", "run-2") == 1
     with db.reading() as session:
@@ -231,8 +233,7 @@ async def test_sessions_on_a_dead_node_do_not_count_against_the_limit(tmp_path: 
     try:
         db = server.td.deployment.db
         _beat(db, "dead-node", 61, dt.datetime.now(dt.UTC))
-        with db.writing() as session:
-            session.add(_session("left-behind", "dead-node"))
+        _record(db, _session("left-behind", "dead-node"))
         async with server.sftp("northern-ops") as sftp:
             assert "images" in await sftp.listdir("/")
         assert server.audit_events("session-refused") == []
@@ -249,8 +250,7 @@ async def test_a_restarted_node_drops_what_its_previous_run_left(tmp_path: Path)
     db = Database(server.td.deployment.config.database_url)
     try:
         _beat(db, "previous-run", 0, dt.datetime.now(dt.UTC))  # not yet 60 s silent: only the endpoint tells
-        with db.writing() as session:
-            session.add(_session("stale", "previous-run", endpoint=endpoint))
+        _record(db, _session("stale", "previous-run", endpoint=endpoint))
     finally:
         db.dispose()
     again = await start(server.td.deployment.config)

@@ -35,7 +35,7 @@ from cfl_sftp.config import SessionLimits
 from cfl_sftp.storage import limits_store
 from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.storage.db import Database
-from cfl_sftp.storage.models import OpenSessionRow
+from cfl_sftp.storage.limits_store import OpenSession
 from cfl_sftp.vault_admin import NODE_LIVE_SECONDS
 
 log = structlog.get_logger(__name__)
@@ -230,10 +230,10 @@ class AbuseGuard:
         return task
 
     async def _admit(self, address: str, user: str, organisation: str, session_id: str, peer: str) -> bool:
-        row = OpenSessionRow(session_id=session_id, node_id=self._node_id, endpoint=self._endpoint, user=user,
+        opened = OpenSession(session_id=session_id, node_id=self._node_id, endpoint=self._endpoint, user=user,
                              peer=peer[:128], opened_at=self._clock())
         try:
-            count = await self._ledger.open(row)
+            count = await self._ledger.open(opened)
         except Exception:
             log.exception("session_not_recorded", peer=address, user=user)
             self.refuse_connection(address, "database-unavailable", user, organisation, peer)
@@ -275,15 +275,15 @@ class SessionLedger:
         self._db = db
         self._limit = limit
         self._clock = clock
-        self._opens: list[tuple[OpenSessionRow, asyncio.Future[int | None]]] = []
+        self._opens: list[tuple[OpenSession, asyncio.Future[int | None]]] = []
         self._closes: list[tuple[str, asyncio.Future[None]]] = []
         self._writing: asyncio.Task[None] | None = None
         self._closes_due: asyncio.TimerHandle | None = None
 
-    def open(self, row: OpenSessionRow) -> asyncio.Future[int | None]:
-        """Resolves to the user's session count with ``row``, or None when the limit refused it."""
+    def open(self, opened: OpenSession) -> asyncio.Future[int | None]:
+        """Resolves to the user's session count with ``opened``, or None when the limit refused it."""
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._opens.append((row, future))
+        self._opens.append((opened, future))
         self._write_now()
         return future
 
@@ -307,7 +307,7 @@ class SessionLedger:
                 opens, self._opens = self._opens, []
                 closes, self._closes = self._closes, []
                 try:
-                    counts = await asyncio.to_thread(self._apply, [row for row, _ in opens], [c for c, _ in closes])
+                    counts = await asyncio.to_thread(self._apply, [o for o, _ in opens], [c for c, _ in closes])
                 except Exception as exc:
                     for _, refused in opens:
                         if not refused.done():
@@ -331,10 +331,10 @@ class SessionLedger:
         if self._opens or self._closes:
             self._closes_due = asyncio.get_running_loop().call_later(CLOSE_WAIT_SECONDS, self._write_now)
 
-    def _apply(self, opens: list[OpenSessionRow], closes: list[str]) -> list[int | None]:
+    def _apply(self, opens: list[OpenSession], closes: list[str]) -> list[int | None]:
         """One transaction: this node's ended sessions go first, then the admissions are counted and written."""
         limit = self._limit()
         live_after = self._clock() - dt.timedelta(seconds=NODE_LIVE_SECONDS)
-        with self._db.writing() as session:
-            limits_store.close_sessions(session, closes)
-            return limits_store.open_sessions(session, opens, limit=limit, live_after=live_after)
+        with self._db.writing_rows() as connection:
+            limits_store.close_sessions(connection, closes)
+            return limits_store.open_sessions(connection, opens, limit=limit, live_after=live_after)

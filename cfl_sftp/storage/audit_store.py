@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session
 
 from cfl_sftp.domain.audit import CompactRange, canonical_entry, leaf_hash
@@ -37,40 +37,53 @@ def rfc3339(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _lock_head(session: Session) -> AuditHeadRow:
-    head = session.execute(
-        select(AuditHeadRow).where(AuditHeadRow.id == _HEAD_ID).with_for_update()
-    ).scalar_one_or_none()
+# Built once: the audit writer runs them for every group commit of logins and session ends.
+_LOCK_HEAD = select(AuditHeadRow.size, AuditHeadRow.compact_range).where(AuditHeadRow.id == _HEAD_ID).with_for_update()
+_INSERT_ENTRIES = insert(AuditEntryRow)
+_UPDATE_HEAD = update(AuditHeadRow).where(AuditHeadRow.id == _HEAD_ID)
+
+
+def _lock_head(connection: Connection) -> tuple[int, CompactRange]:
+    """The trail's size and compact range, locked until the transaction ends (created empty on first use)."""
+    head = connection.execute(_LOCK_HEAD).one_or_none()
     if head is None:
-        head = AuditHeadRow(id=_HEAD_ID, size=0, compact_range=CompactRange().to_bytes())
-        session.add(head)
-        session.flush()
-    return head
+        connection.execute(insert(AuditHeadRow).values(id=_HEAD_ID, size=0, compact_range=CompactRange().to_bytes()))
+        return 0, CompactRange()
+    return head.size, CompactRange.from_bytes(head.compact_range)
 
 
-def append(session: Session, event: AuditEvent, now: dt.datetime | None = None) -> int:
+def append(transaction: Session | Connection, event: AuditEvent, now: dt.datetime | None = None) -> int:
     """Append ``event`` as the next entry in the caller's transaction and return its ``seq``."""
-    return append_many(session, [event], now)[0]
+    return append_many(transaction, [event], now)[0]
 
 
-def append_many(session: Session, events: list[AuditEvent], now: dt.datetime | None = None) -> list[int]:
+def append_many(
+    transaction: Session | Connection, events: list[AuditEvent], now: dt.datetime | None = None
+) -> list[int]:
     """Append several entries under one lock of the head row (a group commit).
 
-    The entries go in as one multi-row insert (Core, on the session's connection) rather than one ORM object
-    each: the audit writer appends every login and session end this way, and the unit of work cost more than
-    the entries themselves.
+    The head and the entries are read and written with Core statements built once, on the transaction's
+    connection, never as ORM objects: the audit writer appends every login and session end this way, and a unit
+    of work cost more than the entries themselves. ``transaction`` is an ORM session (a change and its entry in
+    one transaction) or a bare connection (:meth:`Database.writing_rows`).
     """
+    if not events:
+        return []
+    if isinstance(transaction, Session):
+        transaction.flush()  # the change this entry records goes first, before the head is locked
+        connection = transaction.connection()
+    else:
+        connection = transaction
     moment = now or dt.datetime.now(dt.UTC)
     time_text = rfc3339(moment)
-    head = _lock_head(session)
-    tree = CompactRange.from_bytes(head.compact_range)
+    size, tree = _lock_head(connection)
     seqs: list[int] = []
     rows: list[dict[str, object]] = []
     for event in events:
-        seq = head.size + 1
+        size += 1
         entry = canonical_entry(
             {
-                "seq": seq,
+                "seq": size,
                 "time": time_text,
                 "event": event.event,
                 "actor": event.actor,
@@ -81,11 +94,8 @@ def append_many(session: Session, events: list[AuditEvent], now: dt.datetime | N
         )
         leaf = leaf_hash(entry)
         tree.append(leaf)
-        rows.append({"seq": seq, "time": moment, "event": event.event, "entry": entry, "leaf_hash": leaf})
-        head.size = seq
-        seqs.append(seq)
-    if rows:
-        session.connection().execute(insert(AuditEntryRow), rows)
-    head.compact_range = tree.to_bytes()
-    session.flush()
+        rows.append({"seq": size, "time": moment, "event": event.event, "entry": entry, "leaf_hash": leaf})
+        seqs.append(size)
+    connection.execute(_INSERT_ENTRIES, rows)
+    connection.execute(_UPDATE_HEAD, {"size": size, "compact_range": tree.to_bytes()})
     return seqs

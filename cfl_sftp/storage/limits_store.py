@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import zlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
-from sqlalchemy import delete, func, insert, or_, select, text
+from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -38,7 +39,7 @@ def record_failed_login(
     Returns the number of failures when this call decided the ban (the caller audits it), else None; a failure
     from an address already banned (a login that began before the ban) decides nothing.
     """
-    _lock(session, _BAN_LOCK_SPACE, address)
+    _lock(session.connection(), _BAN_LOCK_SPACE, address)
     ban = session.get(BanRow, address)
     if ban is not None and ban.until > now:
         return None
@@ -65,62 +66,80 @@ def _lock_key(name: str) -> int:
     return zlib.crc32(name.encode()) - (1 << 31)
 
 
-def _lock(session: Session, space: int, name: str) -> None:
+def _lock(connection: Connection, space: int, name: str) -> None:
     """Serialise transactions about ``name`` (and any name sharing its key) until this one ends (PostgreSQL;
     SQLite's writers are serial)."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": space, "key": _lock_key(name)})
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": space, "key": _lock_key(name)})
 
 
-def _live_node(node_id: str, live_after: dt.datetime) -> ColumnElement[bool]:
-    """Rows of this node, or of a node whose heartbeat is recent."""
-    live = select(NodeRow.node_id).where(NodeRow.last_seen >= live_after)
-    return or_(OpenSessionRow.node_id == node_id, OpenSessionRow.node_id.in_(live))
+_LIVE_NODE: ColumnElement[bool] = or_(
+    OpenSessionRow.node_id == bindparam("node_id"),
+    OpenSessionRow.node_id.in_(select(NodeRow.node_id).where(NodeRow.last_seen >= bindparam("live_after"))),
+)
+"""Rows of this node (``node_id``), or of a node whose heartbeat is at ``live_after`` or later."""
 
 
-_OPEN_SESSION_COLUMNS = tuple(column.key for column in OpenSessionRow.__table__.columns)
+class OpenSession(NamedTuple):
+    """An authenticated connection to record (a row of ``open_sessions``), as plain values: the login path builds
+    one per login and never needs an ORM object for it."""
+
+    session_id: str
+    node_id: str
+    endpoint: str
+    user: str
+    peer: str
+    opened_at: dt.datetime
+
+
+# Built once: the login path runs these in every admission, and building and caching them again cost more than
+# running them. ``users`` and ``ids`` expand to as many values as the batch has.
+_COUNT_LIVE_SESSIONS = (
+    select(OpenSessionRow.user, func.count())
+    .where(OpenSessionRow.user.in_(bindparam("users", expanding=True)), _LIVE_NODE)
+    .group_by(OpenSessionRow.user)
+)
+_INSERT_SESSIONS = insert(OpenSessionRow)
+_DELETE_SESSIONS = delete(OpenSessionRow).where(OpenSessionRow.session_id.in_(bindparam("ids", expanding=True)))
 
 
 def open_sessions(
-    session: Session, rows: Sequence[OpenSessionRow], *, limit: int, live_after: dt.datetime
+    connection: Connection, sessions: Sequence[OpenSession], *, limit: int, live_after: dt.datetime
 ) -> list[int | None]:
-    """Record each of ``rows`` (one node's, in order) whose user has fewer than ``limit`` sessions on live nodes,
-    counting the rows admitted before it; per row, its user's count with it, or None (not recorded).
+    """Record each of ``sessions`` (one node's, in order) whose user has fewer than ``limit`` sessions on live
+    nodes, counting the ones admitted before it; per session, its user's count with it, or None (not recorded).
 
-    One count per user and one multi-row insert, whatever the batch (the login path's cost per session): the
-    rows are plain values here and are inserted with Core, never added to ``session``.
+    One count per user and one multi-row insert, whatever the batch, with Core statements built once: this is the
+    login path's database cost, paid once per login.
     """
-    if not rows:
+    if not sessions:
         return []
-    users = sorted({row.user for row in rows})
+    users = sorted({opened.user for opened in sessions})
     # In the order of the keys actually locked, each once: two nodes' batches taking [a, b] and [b, a] would
     # deadlock, and two names may share a key.
     for user in sorted({_lock_key(user): user for user in users}.values(), key=_lock_key):
-        _lock(session, _SESSION_LOCK_SPACE, user)
-    connection = session.connection()
+        _lock(connection, _SESSION_LOCK_SPACE, user)
     counts: dict[str, int] = {user: count for user, count in connection.execute(
-        select(OpenSessionRow.user, func.count())
-        .where(OpenSessionRow.user.in_(users), _live_node(rows[0].node_id, live_after))
-        .group_by(OpenSessionRow.user)
+        _COUNT_LIVE_SESSIONS, {"users": users, "node_id": sessions[0].node_id, "live_after": live_after}
     )}
     answers: list[int | None] = []
     admitted = []
-    for row in rows:
-        count = counts.get(row.user, 0)
+    for opened in sessions:
+        count = counts.get(opened.user, 0)
         if count >= limit:
             answers.append(None)
             continue
-        counts[row.user] = count + 1
+        counts[opened.user] = count + 1
         answers.append(count + 1)
-        admitted.append({key: getattr(row, key) for key in _OPEN_SESSION_COLUMNS})
+        admitted.append(opened._asdict())
     if admitted:
-        connection.execute(insert(OpenSessionRow), admitted)
+        connection.execute(_INSERT_SESSIONS, admitted)
     return answers
 
 
-def close_sessions(session: Session, session_ids: Sequence[str]) -> None:
+def close_sessions(connection: Connection, session_ids: Sequence[str]) -> None:
     if session_ids:
-        session.connection().execute(delete(OpenSessionRow).where(OpenSessionRow.session_id.in_(session_ids)))
+        connection.execute(_DELETE_SESSIONS, {"ids": list(session_ids)})
 
 
 def drop_previous_runs(session: Session, endpoint: str, node_id: str) -> int:
@@ -134,6 +153,6 @@ def drop_previous_runs(session: Session, endpoint: str, node_id: str) -> int:
 def sweep(session: Session, node_id: str, now: dt.datetime, *, live_after: dt.datetime,
           failures_before: dt.datetime) -> None:
     """Drop what no longer counts: sessions of dead nodes, ended bans, failures outside every window."""
-    session.execute(delete(OpenSessionRow).where(~_live_node(node_id, live_after)))
+    session.execute(delete(OpenSessionRow).where(~_LIVE_NODE), {"node_id": node_id, "live_after": live_after})
     session.execute(delete(BanRow).where(BanRow.until <= now))
     session.execute(delete(FailedLoginRow).where(FailedLoginRow.at <= failures_before))
