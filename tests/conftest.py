@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from asyncssh.logging import SSHLogger
 
 from cfl_sftp.event_loop import new_event_loop
+from cfl_sftp.logs import skip_disabled_asyncssh_logs
 from tests.databases import fresh_postgresql_database
 from tests.deployments import DeploymentUnderTest, make_deployment
 from tests.sftp_support import SEEDED_CHF, SEEDED_ESME, SftpServer, make_template, start_sftp_server
@@ -61,3 +64,22 @@ async def seeded_server(sftp_server: SftpServer) -> SftpServer:
     await sftp_server.seed(SEEDED_ESME)
     await sftp_server.seed(SEEDED_CHF, name="chf.cfl")
     return sftp_server
+
+
+@pytest.fixture
+def asyncssh_records() -> Iterator[list[logging.LogRecord]]:
+    """asyncssh's records as its logger emits them (our level check in place), with its level and debug level
+    restored afterwards."""
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    target = logging.getLogger("asyncssh")
+    level, debug_level = target.level, SSHLogger._debug_level
+    target.addHandler(handler)
+    skip_disabled_asyncssh_logs()
+    try:
+        yield seen
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(level)
+        SSHLogger._debug_level = debug_level

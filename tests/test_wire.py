@@ -1,0 +1,76 @@
+"""asyncssh's empty MSG_IGNORE before every packet, dropped where the cipher needs none (cfl_sftp.sftp.wire).
+
+Counted on real connections over loopback from asyncssh's own packet log (debug level 3): what each end
+received. The service applies the change when it starts, process-wide, so every connection of this process
+(the test clients' too) is under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from cfl_sftp.sftp.wire import FRESH_IV_CIPHERS, drop_needless_ignore_packets
+from tests.sftp_support import CLIENT_TIMEOUT, SftpServer
+
+
+def _received_ignores(records: list[logging.LogRecord]) -> int:
+    return sum(record.getMessage().split("] ", 1)[-1].startswith("Received MSG_IGNORE") for record in records)
+
+
+def _packet_log() -> None:
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG)
+    asyncssh.set_debug_level(3)
+
+
+class _AnyoneServer(asyncssh.SSHServer):
+    def begin_auth(self, username: str) -> bool:
+        return False  # no authentication: this server only carries packets
+
+
+async def _stock_session(tmp_path: Path, cipher: str) -> list[str]:
+    """A login and a listing on a plain asyncssh server, both ends limited to ``cipher``."""
+    server = await asyncssh.listen(
+        "127.0.0.1", 0, server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")], encryption_algs=[cipher],
+        server_factory=_AnyoneServer, sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(tmp_path)),
+        allow_scp=False, gss_host=None,
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with asyncssh.connect(
+            "127.0.0.1", port, username="anyone", known_hosts=None, agent_path=None, config=None, client_keys=None,
+            encryption_algs=[cipher],
+        ) as conn, conn.start_sftp_client() as sftp:
+            return sorted(set(await sftp.listdir(".")) - {".", ".."})
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_login_and_listing_on_the_service_carry_no_ignore_packet(
+    sftp_server: SftpServer, asyncssh_records: list[logging.LogRecord]
+) -> None:
+    _packet_log()
+    async with sftp_server.sftp("northern-ops") as sftp:
+        assert "images" in await asyncio.wait_for(sftp.listdir("/"), CLIENT_TIMEOUT)
+    received = [r.getMessage() for r in asyncssh_records if "Received" in r.getMessage()]
+    assert len(received) > 20  # the packet log was on: key exchange, login, channel and SFTP packets
+    assert _received_ignores(asyncssh_records) == 0
+
+
+@pytest.mark.parametrize(("cipher", "ignores_kept"), [("aes128-gcm@openssh.com", False), ("aes256-ctr", False),
+                                                       ("chacha20-poly1305@openssh.com", False), ("aes128-cbc", True)])
+async def test_the_ignore_packets_stay_only_under_a_cbc_cipher(
+    tmp_path: Path, asyncssh_records: list[logging.LogRecord], cipher: str, ignores_kept: bool
+) -> None:
+    drop_needless_ignore_packets()
+    (tmp_path / "meter.bin").write_bytes(b"x")
+    _packet_log()
+    assert await asyncio.wait_for(_stock_session(tmp_path, cipher), CLIENT_TIMEOUT) == ["meter.bin"]
+    assert (cipher in FRESH_IV_CIPHERS) is not ignores_kept
+    # RFC 4251 9.3.1's countermeasure: one before each packet after key exchange, from both ends
+    assert (_received_ignores(asyncssh_records) > 10) is ignores_kept
