@@ -69,10 +69,16 @@ def _asyncssh_log(self: SSHLogger, level: int, msg: object, *args: Any, **kwargs
         _format_asyncssh_log(self, level, msg, *args, **kwargs)
 
 
+def asyncssh_packets_logged(logger: SSHLogger) -> bool:
+    """Whether asyncssh writes packet dumps through ``logger`` (debug level 3 and DEBUG): a caller may then skip
+    building a packet only to log it."""
+    return SSHLogger._debug_level >= 3 and logger.isEnabledFor(logging.DEBUG)
+
+
 def _asyncssh_packet_log(  # noqa: PLR0917 - asyncssh's own signature
     self: SSHPacketLogger, msg: str, pkttype: int, pktid: int | None, packet: Any, note: str
 ) -> None:
-    if SSHLogger._debug_level >= 3 and self.logger.isEnabledFor(logging.DEBUG):
+    if asyncssh_packets_logged(self.logger):
         _format_asyncssh_packet_log(self, msg, pkttype, pktid, packet, note)
 
 

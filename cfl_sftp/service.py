@@ -45,7 +45,7 @@ from cfl_sftp.sftp import activity
 from cfl_sftp.sftp.proxy import UNTRUSTED_REASON, WAITING_CAP_REASON, ProxyProtocolListener
 from cfl_sftp.sftp.ssh import LibrarySSHServer
 from cfl_sftp.sftp.transport import DirectListener
-from cfl_sftp.sftp.wire import drop_needless_ignore_packets
+from cfl_sftp.sftp.wire import drop_needless_packet_work
 from cfl_sftp.storage.audit_store import AuditEvent
 from cfl_sftp.vault_admin import NODE_HEARTBEAT_SECONDS, node_stopped, record_node_heartbeat
 
@@ -377,7 +377,7 @@ async def _keep_node_alive(runtime: Runtime, node_id: str, keys_event: asyncio.E
 async def start(config: Config, deployment: Deployment | None = None, notifier: Notifier | None = None
                 ) -> RunningService:
     """Start listening; the caller runs the loop. Used by ``serve``, the demo and the tests."""
-    drop_needless_ignore_packets()
+    drop_needless_packet_work()
     deployment = deployment or Deployment.open(config)
     signer = await asyncio.to_thread(AuditSigner.load, config)  # a bad audit key refuses to start
     await asyncio.to_thread(deployment.db.upgrade_if_empty)

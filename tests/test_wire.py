@@ -1,8 +1,10 @@
-"""asyncssh's empty MSG_IGNORE before every packet, dropped where the cipher needs none (cfl_sftp.sftp.wire).
+"""asyncssh's packet layer as the service changes it (cfl_sftp.sftp.wire), on real connections over loopback.
 
-Counted on real connections over loopback from asyncssh's own packet log (debug level 3): what each end
-received. The service applies the change when it starts, process-wide, so every connection of this process
-(the test clients' too) is under it.
+asyncssh's empty MSG_IGNORE before every packet is dropped where the cipher needs none: counted from asyncssh's
+own packet log (debug level 3), what each end received. AES-GCM is sealed and opened with fewer copies: OpenSSH's
+client, which has its own implementation, moves a package and an image through the service under each cipher.
+The service applies the changes when it starts, process-wide, so every connection of this process (the asyncssh
+test clients' too) is under them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from cfl_sftp.sftp.wire import FRESH_IV_CIPHERS, drop_needless_ignore_packets
-from tests.sftp_support import CLIENT_TIMEOUT, SftpServer
+from cfl_sftp.sftp.wire import FRESH_IV_CIPHERS, drop_needless_packet_work
+from tests.factory import PackageSpec, image_of
+from tests.sftp_support import CLIENT_TIMEOUT, SftpServer, built, wait_visible
 
 
 def _received_ignores(records: list[logging.LogRecord]) -> int:
@@ -67,10 +70,32 @@ async def test_a_login_and_listing_on_the_service_carry_no_ignore_packet(
 async def test_the_ignore_packets_stay_only_under_a_cbc_cipher(
     tmp_path: Path, asyncssh_records: list[logging.LogRecord], cipher: str, ignores_kept: bool
 ) -> None:
-    drop_needless_ignore_packets()
+    drop_needless_packet_work()
     (tmp_path / "meter.bin").write_bytes(b"x")
     _packet_log()
     assert await asyncio.wait_for(_stock_session(tmp_path, cipher), CLIENT_TIMEOUT) == ["meter.bin"]
     assert (cipher in FRESH_IV_CIPHERS) is not ignores_kept
     # RFC 4251 9.3.1's countermeasure: one before each packet after key exchange, from both ends
     assert (_received_ignores(asyncssh_records) > 10) is ignores_kept
+
+
+@pytest.mark.parametrize("cipher", sorted(FRESH_IV_CIPHERS - {"aes192-ctr"}))
+async def test_openssh_moves_a_package_and_an_image_under_each_cipher_the_service_offers(
+    sftp_server: SftpServer, cipher: str
+) -> None:
+    """OpenSSH's own client seals what we open and opens what we seal: a package up, its image down, byte for byte,
+    across many packets each way (the image spans several 255 KiB READ replies)."""
+    spec = PackageSpec(firmware_version=f"0000{sorted(FRESH_IV_CIPHERS).index(cipher):04X}", image_size=700_001)
+    local = sftp_server.tmp / "upload.cfl"
+    local.write_bytes(built(spec))
+    image_path = f"/images/ESME/1A2B/0001/0100/{spec.firmware_version}/firmware.bin"
+    downloaded = sftp_server.tmp / "firmware.bin"
+    put = await (await sftp_server.start_openssh(
+        "acme-release", [f"put {local} /incoming/package.cfl"], ["-o", f"Ciphers={cipher}"])).finish()
+    assert put.ok, put.describe()
+    async with sftp_server.sftp("northern-ops") as sftp:
+        await wait_visible(sftp, image_path)
+    get = await (await sftp_server.start_openssh(
+        "northern-ops", [f"get {image_path} {downloaded}"], ["-o", f"Ciphers={cipher}"])).finish()
+    assert get.ok, get.describe()
+    assert downloaded.read_bytes() == image_of(spec)
