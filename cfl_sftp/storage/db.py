@@ -104,8 +104,9 @@ class Database:
     def writing_rows(self) -> Iterator[Connection]:
         """A transaction on a bare Core connection, committed when the block ends without an exception.
 
-        For the few writers on the login path (the open-sessions ledger), which run prepared Core statements on
-        plain values: an ORM session and its unit of work cost about as much again as the statements.
+        For the writers on the login path (the open-sessions ledger, the audit writer's group commits), which run
+        prepared Core statements on plain values: an ORM session and its unit of work cost about as much again as
+        the statements.
         """
         with self._write_engine.begin() as connection:
             yield connection
