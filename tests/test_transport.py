@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from cfl_sftp.sftp.transport import CoalescingTransport
+from cfl_sftp.sftp.transport import READ_PIECE_BYTES, CoalescingTransport, PacketSizedReads
 
 PIECES = [b"SSH-2.0-", b"x" * 32768, b"", b"\x00" * 5, b"y" * 70000]
 
@@ -77,5 +77,52 @@ async def test_a_queue_past_one_reply_is_written_at_once() -> None:
     assert transport.get_write_buffer_size() == inner.get_write_buffer_size()
     transport.close()
     assert await asyncio.wait_for(reader.read(), 10) == b"z" * 300_000
+    writer.close()
+    server.close()
+
+
+class _Recorder(asyncio.Protocol):
+    """Stands where asyncssh's connection would: keeps each piece as it arrives; may close on a given piece."""
+
+    def __init__(self, close_on: int | None = None) -> None:
+        self.pieces: list[bytes] = []
+        self.ended = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self._close_on = close_on
+
+    def data_received(self, data: bytes) -> None:
+        self.pieces.append(bytes(data))
+        if len(self.pieces) == self._close_on and self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
+async def test_a_large_read_reaches_asyncssh_in_pieces_of_about_one_packet_in_order() -> None:
+    inner, _reader, writer, server = await accepted_pair()
+    recorder = _Recorder()
+    inner.set_protocol(PacketSizedReads(recorder, inner))
+    sent = bytes(range(256)) * 4096  # 1 MiB: socket reads of up to 256 KiB each
+    writer.write(sent)
+    await writer.drain()
+    writer.close()
+    await asyncio.wait_for(recorder.ended, 10)
+    assert b"".join(recorder.pieces) == sent
+    assert max(map(len, recorder.pieces)) <= READ_PIECE_BYTES
+    assert len(recorder.pieces) >= len(sent) // READ_PIECE_BYTES
+    server.close()
+
+
+async def test_no_piece_follows_once_asyncssh_has_closed_the_connection() -> None:
+    inner, _reader, writer, server = await accepted_pair()
+    recorder = _Recorder(close_on=1)
+    recorder.transport = inner
+    pieces = PacketSizedReads(recorder, inner)
+    inner.set_protocol(pieces)
+    pieces.data_received(b"z" * (3 * READ_PIECE_BYTES))  # one read of three pieces; the first closes
+    assert recorder.pieces == [b"z" * READ_PIECE_BYTES]
+    await asyncio.wait_for(recorder.ended, 10)
     writer.close()
     server.close()

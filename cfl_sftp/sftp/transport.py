@@ -1,4 +1,5 @@
-"""The TCP side under asyncssh: each connection's writes leave for the socket once per turn of the event loop.
+"""The TCP side under asyncssh: each connection's writes leave for the socket once per turn of the event loop, and
+its reads reach asyncssh in pieces of about one packet (:class:`PacketSizedReads`, which says why).
 
 asyncssh hands every SSH packet to its transport on its own, and puts an empty ``MSG_IGNORE`` before each one
 once the keys are in use, so a 255 KiB READ reply becomes 16 transport writes of 32 KiB and of a few bytes:
@@ -30,6 +31,11 @@ ConnectionFactory = Callable[[str, int], Any]
 QUEUE_LIMIT_BYTES = 256 * 1024
 """At most one whole READ reply (255 KiB and its framing) waits for the loop's turn: past it the queue is written at
 once, so a session that answers several READs in one callback holds no more than before."""
+
+
+READ_PIECE_BYTES = 64 * 1024
+"""Two of OpenSSH's 32 KiB channel packets with their framing: small enough that asyncssh's buffer stays short,
+large enough that a download's small packets (window adjusts, READ requests) still arrive many to a call."""
 
 
 class CoalescingTransport(asyncio.Transport):
@@ -123,14 +129,54 @@ class CoalescingTransport(asyncio.Transport):
         return self._inner.get_protocol()
 
 
+class PacketSizedReads(asyncio.Protocol):
+    """The socket's protocol in front of asyncssh's connection: what a read returns is passed on in pieces of at
+    most :data:`READ_PIECE_BYTES`.
+
+    asyncssh appends each read to its input buffer and takes packets off the front by slicing, which copies the
+    rest of the buffer twice per packet. A socket read returns up to 256 KiB of a fast upload, eight 32 KiB
+    packets, so each byte was copied about nine times on its way in. In pieces of about one packet, the buffer
+    never holds much more than one: the same bytes reach asyncssh in the same order, with a third of the copying
+    (docs/decisions.md). The pieces are memoryviews of the read (no copy until asyncssh appends them).
+    """
+
+    def __init__(self, connection: asyncio.Protocol, transport: asyncio.Transport) -> None:
+        self._connection = connection
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if len(data) <= READ_PIECE_BYTES:
+            self._connection.data_received(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), READ_PIECE_BYTES):
+            if self._transport.is_closing():
+                return  # asyncssh ended the connection on an earlier piece: the rest is not for it
+            self._connection.data_received(view[start : start + READ_PIECE_BYTES])  # type: ignore[arg-type]
+
+    def eof_received(self) -> bool | None:
+        return self._connection.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connection.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._connection.resume_writing()
+
+
 def hand_over(transport: asyncio.Transport, factory: ConnectionFactory, peer: SockAddr,
               peername: SockAddr | None = None) -> asyncio.Protocol:
-    """Make asyncssh's connection for ``peer`` the protocol of ``transport``, writing through a
-    :class:`CoalescingTransport`; returns the connection (to feed it bytes already read, if any)."""
+    """Make asyncssh's connection for ``peer`` the protocol of ``transport``, reading through
+    :class:`PacketSizedReads` and writing through a :class:`CoalescingTransport`; returns the protocol to feed
+    bytes already read, if any."""
     connection: asyncio.Protocol = factory(str(peer[0]), int(peer[1]))
-    transport.set_protocol(connection)
+    reads = PacketSizedReads(connection, transport)
+    transport.set_protocol(reads)
     connection.connection_made(CoalescingTransport(transport, peername))
-    return connection
+    return reads
 
 
 class _Accepted(asyncio.Protocol):
