@@ -82,46 +82,62 @@ async def test_a_queue_past_one_reply_is_written_at_once() -> None:
 
 
 class _Recorder(asyncio.Protocol):
-    """Stands where asyncssh's connection would: keeps each piece as it arrives; may close on a given piece."""
+    """Stands where asyncssh's connection would: keeps each piece as it arrives. ``close_on`` closes as asyncssh's
+    ``_force_close`` does on a protocol or MAC error: its ``_transport`` is dropped at once, the socket aborted only
+    at the loop's next turn."""
 
-    def __init__(self, close_on: int | None = None) -> None:
+    def __init__(self, transport: asyncio.Transport, close_on: int | None = None) -> None:
         self.pieces: list[bytes] = []
         self.ended = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
+        self._transport: asyncio.Transport | None = transport
         self._close_on = close_on
 
     def data_received(self, data: bytes) -> None:
         self.pieces.append(bytes(data))
-        if len(self.pieces) == self._close_on and self.transport is not None:
-            self.transport.abort()
+        if len(self.pieces) == self._close_on and self._transport is not None:
+            asyncio.get_running_loop().call_soon(self._transport.abort)
+            self._transport = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ended.done():
             self.ended.set_result(None)
 
 
-async def test_a_large_read_reaches_asyncssh_in_pieces_of_about_one_packet_in_order() -> None:
+async def test_a_read_is_passed_on_in_pieces_of_at_most_two_packets() -> None:
     inner, _reader, writer, server = await accepted_pair()
-    recorder = _Recorder()
+    recorder = _Recorder(inner)
+    pieces = PacketSizedReads(recorder, inner)
+    read = bytes(range(256)) * 1000  # 256,000 bytes: what one socket read of an upload returns
+    pieces.data_received(read)
+    assert [len(piece) for piece in recorder.pieces] == [READ_PIECE_BYTES] * 3 + [len(read) - 3 * READ_PIECE_BYTES]
+    assert b"".join(recorder.pieces) == read
+    pieces.data_received(b"small")  # a read of at most one piece is passed on as it is
+    assert recorder.pieces[-1] == b"small"
+    writer.close()
+    server.close()
+
+
+async def test_a_large_upload_reaches_asyncssh_whole_and_in_order_over_a_real_socket() -> None:
+    inner, _reader, writer, server = await accepted_pair()
+    recorder = _Recorder(inner)
     inner.set_protocol(PacketSizedReads(recorder, inner))
-    sent = bytes(range(256)) * 4096  # 1 MiB: socket reads of up to 256 KiB each
+    sent = bytes(range(256)) * 4096  # 1 MiB
     writer.write(sent)
     await writer.drain()
     writer.close()
     await asyncio.wait_for(recorder.ended, 10)
     assert b"".join(recorder.pieces) == sent
     assert max(map(len, recorder.pieces)) <= READ_PIECE_BYTES
-    assert len(recorder.pieces) >= len(sent) // READ_PIECE_BYTES
     server.close()
 
 
 async def test_no_piece_follows_once_asyncssh_has_closed_the_connection() -> None:
     inner, _reader, writer, server = await accepted_pair()
-    recorder = _Recorder(close_on=1)
-    recorder.transport = inner
+    recorder = _Recorder(inner, close_on=1)
     pieces = PacketSizedReads(recorder, inner)
     inner.set_protocol(pieces)
     pieces.data_received(b"z" * (3 * READ_PIECE_BYTES))  # one read of three pieces; the first closes
+    assert not inner.is_closing()  # the socket itself is still open until the loop turns
     assert recorder.pieces == [b"z" * READ_PIECE_BYTES]
     await asyncio.wait_for(recorder.ended, 10)
     writer.close()

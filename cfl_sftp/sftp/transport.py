@@ -150,9 +150,16 @@ class PacketSizedReads(asyncio.Protocol):
             return
         view = memoryview(data)
         for start in range(0, len(data), READ_PIECE_BYTES):
-            if self._transport.is_closing():
+            if start and self._closed_by_connection():
                 return  # asyncssh ended the connection on an earlier piece: the rest is not for it
             self._connection.data_received(view[start : start + READ_PIECE_BYTES])  # type: ignore[arg-type]
+
+    def _closed_by_connection(self) -> bool:
+        """Whether the connection has given up its transport. asyncssh's ``_force_close`` (on a protocol or MAC
+        error) drops its ``_transport`` at once but aborts the socket only at the loop's next turn, so the
+        socket's own state would still say open for the rest of this read; unpatched, asyncssh would have
+        stopped parsing there (private attribute: asyncssh is pinned below 2.25)."""
+        return self._transport.is_closing() or getattr(self._connection, "_transport", self._transport) is None
 
     def eof_received(self) -> bool | None:
         return self._connection.eof_received()
