@@ -26,7 +26,9 @@ Workloads, the same for all three (server order rotated from run to run; MB = 10
    folder that holds the 4 MiB file, close; sessions completed / time, over ``--rate-seconds``.
 
 The asyncssh clients use ``aes128-gcm@openssh.com``, ``curve25519-sha256`` and ``ssh-ed25519`` host keys against
-every server. During each workload the server's whole process tree is watched: peak RSS (summed over the tree,
+every server, and are made as cheap as asyncssh allows (the key read once, uvloop, no disabled-log formatting, no
+empty ``MSG_IGNORE`` per packet; see ``client_main``), so that the concurrent workloads measure the servers.
+During each workload the server's whole process tree is watched: peak RSS (summed over the tree,
 sampled from /proc) and CPU time (utime + stime of the live tree, plus what the processes that ended left in
 their parents' cutime/cstime, so sshd's short-lived per-connection processes are counted too), given as CPU s
 per GB moved (per session for sessions/s). Printed: a table of medians with cfl-sftp and asyncssh as ratios to
