@@ -1,15 +1,15 @@
 """The TCP side under asyncssh: each connection's writes leave for the socket once per turn of the event loop, and
 its reads reach asyncssh in pieces of about one packet (:class:`PacketSizedReads`, which says why).
 
-asyncssh hands every SSH packet to its transport on its own, and puts an empty ``MSG_IGNORE`` before each one
-once the keys are in use, so a 255 KiB READ reply becomes 16 transport writes of 32 KiB and of a few bytes:
-16 system calls. :class:`CoalescingTransport` queues the writes a connection makes during one callback and
-passes them to the socket in one ``writelines`` (one ``writev``) at the loop's next turn; on a 1 GiB download
-that is a few per cent less server CPU per GB and 5-30 % more MB/s, as the client is woken once per reply
-(benchmarks/README.md). Nothing else changes: the same bytes in the same order (queued bytes count in
-``get_write_buffer_size``, and the queue never exceeds :data:`QUEUE_LIMIT_BYTES`), and a close or EOF sends
-what is queued first. What bounds the bytes buffered per connection is, as before, the SSH channel windows and
-our READ handler's wait for earlier replies to drain: asyncssh ignores the transport's ``pause_writing``.
+asyncssh hands every SSH packet to its transport on its own, so a 255 KiB READ reply becomes 8 transport writes of
+32 KiB: 8 system calls (16 while asyncssh also put an empty ``MSG_IGNORE`` before each, see :mod:`.wire`).
+:class:`CoalescingTransport` queues the writes a connection makes during one callback and passes them to the socket
+in one ``writelines`` (one ``writev``) at the loop's next turn; on a 1 GiB download that is a few per cent less
+server CPU per GB and 5-30 % more MB/s, as the client is woken once per reply (benchmarks/README.md). Nothing else
+changes: the same bytes in the same order (queued bytes count in ``get_write_buffer_size``, and the queue never
+exceeds :data:`QUEUE_LIMIT_BYTES`), and a close or EOF sends what is queued first. What bounds the bytes buffered
+per connection is, as before, the SSH channel windows and our READ handler's wait for earlier replies to drain:
+asyncssh ignores the transport's ``pause_writing``.
 
 asyncssh accepts connections through our listener by its documented ``tunnel=`` hook for listeners that are
 not plain TCP: :class:`DirectListener` hands each accepted connection straight to asyncssh, and
