@@ -145,3 +145,54 @@ async def test_a_private_key_asyncssh_seals_with_aes_gcm_still_opens_in_openssh(
     assert run.ok, run.describe()
     assert run.stdout.startswith("ssh-ed25519 ")
     assert asyncssh.read_private_key(str(key_path), "meter-secret").export_public_key().startswith(b"ssh-ed25519 ")
+
+
+_STDOUT_PIECES = (b"a" * 70_000, b"", b"b" * 5, b"c" * 33_000)
+_STDERR_PIECES = (b"e" * 40_000,)
+
+
+async def _piecewise_writer(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    """Writes stdout in pieces of every kind the channel takes, then mutates the bytearray it handed over while
+    the client's small window still holds most of it back; stderr in between."""
+    reused = bytearray(b"r" * 50_000)
+    process.stdout.writelines([*_STDOUT_PIECES[:2], reused, memoryview(b"m" * 3_000), *_STDOUT_PIECES[2:]])
+    reused[:] = b"X" * len(reused)  # its owner reuses it: what was written must not change
+    process.stderr.writelines(_STDERR_PIECES)
+    process.stdout.write(b"w" * 20_000)
+    await process.stdout.drain()
+    process.exit(0)
+
+
+@pytest.mark.parametrize(("cipher", "server_rekey_bytes"), [
+    ("aes128-gcm@openssh.com", None), ("chacha20-poly1305@openssh.com", None), ("aes128-ctr", None),
+    ("aes128-cbc", None), ("aes128-gcm@openssh.com", 16 * 1024),
+])
+async def test_channel_data_written_in_pieces_arrives_whole_through_a_small_window(
+    cipher: str, server_rekey_bytes: int | None
+) -> None:
+    """Channel data queued as pieces (bytes, bytearray, memoryview, empty) and cut into packets by the window and
+    the peer's packet size reaches the client byte for byte, stdout and stderr apart: sent directly under the
+    fresh-IV ciphers, through asyncssh's send_packet under CBC and while the server's keys are renewed every
+    16 KiB (its packets then wait for the key exchange)."""
+    drop_needless_packet_work()
+    server = await asyncssh.listen(
+        "127.0.0.1", 0, server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")], encryption_algs=[cipher],
+        server_factory=_AnyoneServer, process_factory=_piecewise_writer, encoding=None, gss_host=None,
+        **({"rekey_bytes": server_rekey_bytes} if server_rekey_bytes else {}),
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with asyncssh.connect(
+            "127.0.0.1", port, username="anyone", known_hosts=None, agent_path=None, config=None, client_keys=None,
+            encryption_algs=[cipher],
+        ) as conn:
+            result = await asyncio.wait_for(
+                conn.run("pieces", encoding=None, window=8192, max_pktsize=3000), CLIENT_TIMEOUT
+            )
+    finally:
+        server.close()
+        await server.wait_closed()
+    expected_stdout = b"".join((*_STDOUT_PIECES[:2], b"r" * 50_000, b"m" * 3_000, *_STDOUT_PIECES[2:], b"w" * 20_000))
+    assert result.exit_status == 0
+    assert result.stdout == expected_stdout
+    assert result.stderr == b"".join(_STDERR_PIECES)

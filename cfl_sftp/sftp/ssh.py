@@ -78,14 +78,15 @@ class LibrarySFTPHandler(SFTPServerHandler):
         return writer is not None and writer.channel.get_write_buffer_size() > 0
 
     def send_packet(self, pkttype: int, pktid: int | None, *args: bytes) -> None:
-        """asyncssh's framing (length, type, fields) in one join: its own joins the fields, prepends the type and
-        then the length, three copies of a 255 KiB READ reply on its way out."""
+        """asyncssh's framing (length, type, fields) handed to the channel as pieces: its own joins the fields,
+        prepends the type and then the length, three copies of a 255 KiB READ reply on its way out. The channel
+        cuts its packets from the pieces (:mod:`.wire`)."""
         writer = self._writer
         if not writer:
             raise asyncssh.SFTPNoConnection("Connection not open")
         if writer.channel.is_closing():
             return
-        writer.write(b"".join((UInt32(1 + sum(map(len, args))), Byte(pkttype), *args)))
+        writer.writelines((UInt32(1 + sum(map(len, args))) + Byte(pkttype), *args))
         if asyncssh_packets_logged(self.logger):
             self.log_sent_packet(pkttype, pktid, Byte(pkttype) + b"".join(args))
 
