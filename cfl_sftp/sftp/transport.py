@@ -61,23 +61,24 @@ class CoalescingTransport(asyncio.Transport):
     # -- writing --------------------------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        self._queued.append(data)  # asyncssh writes each packet as new bytes and never touches them again
-        self._queued_bytes += len(data)
+        self.writelines((data,))
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Queue each piece as it is: asyncssh, and :mod:`.wire` (a sealed packet's header and body apart), write
+        new bytes and never touch them again."""
+        for data in list_of_data:
+            if data:
+                self._queued.append(data)
+                self._queued_bytes += len(data)
         if self._queued_bytes >= QUEUE_LIMIT_BYTES:
             self._flush()  # at most one reply waits: the socket transport buffers the rest, as without us
-        elif not self._flush_scheduled:
+        elif self._queued and not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
         self._flush()
-
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        for data in list_of_data:
-            self.write(data)
 
     def _flush(self) -> None:
         queued, self._queued, self._queued_bytes = self._queued, [], 0
