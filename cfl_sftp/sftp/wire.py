@@ -71,6 +71,7 @@ FRESH_IV_CIPHERS = frozenset({
 _EMPTY = String(b"")
 _send_packet = SSHConnection.send_packet
 _encrypt_packet = GCMEncryption.encrypt_packet
+_write = SSHChannel.write
 _writelines = SSHChannel.writelines
 
 
@@ -122,21 +123,21 @@ def _queue_channel_data(
 ) -> None:
     """``SSHChannel.writelines`` (one call per SFTP reply: its framing and its data), the pieces queued unjoined.
     A piece that is not ``bytes`` is copied once, as asyncssh's ``write`` copies everything: its owner may reuse
-    it. Text channels keep asyncssh's own."""
-    if self._encoding:
+    it. Text channels, and channels whose class rewrites ``write`` (asyncssh's TUN/TAP channels prefix each
+    packet), keep asyncssh's own, which joins the pieces and calls ``write``."""
+    if self._encoding or type(self).write is not _write:
         _writelines(self, list_of_data, datatype)
         return
     if self._send_state != "open":
         raise BrokenPipeError("Channel not open for sending")
     if datatype is not None and datatype not in self._write_datatypes:
         raise OSError("Invalid extended data type")
-    queue: list[tuple[Piece | bytearray, int | None]] = self._send_buf  # type: ignore[assignment]
-    queued = 0
-    for data in list_of_data:
-        if data:
-            queue.append((memoryview(data if type(data) is bytes else bytes(data)), datatype))
-            queued += len(data)
+    # Every piece is checked before any is queued, as asyncssh's join fails before it queues anything.
+    views = [memoryview(data if type(data) is bytes else bytes(memoryview(data))) for data in list_of_data]
+    queued = sum(map(len, views))  # views of bytes: their length is their size in bytes
     if queued:
+        queue: list[tuple[Piece | bytearray, int | None]] = self._send_buf  # type: ignore[assignment]
+        queue.extend((view, datatype) for view in views if view)
         self._send_buf_len += queued
         self._flush_send_buf()
 
