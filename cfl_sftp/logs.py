@@ -18,42 +18,43 @@ from structlog.tracebacks import ExceptionDictTransformer
 
 
 def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
-    """Route structlog and stdlib logging to stdout; JSON unless stdout is a terminal (or ``json`` says)."""
+    """Route structlog and stdlib logging to stdout; JSON unless stdout is a terminal (or ``json`` says).
+
+    Our own lines are rendered by structlog and written straight to stdout; records of other libraries
+    (asyncssh, SQLAlchemy, Alembic) pass through stdlib ``logging`` and the same processors, so both come out
+    alike. Sending our lines through ``logging`` as well (``LogRecord``, handler lock, formatter) cost about 6 %
+    of the server's CPU per login at two lines per session (benchmarks/README.md).
+    """
     if json is None:
         json = not sys.stdout.isatty()
+    numeric_level = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
+        structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.stdlib.ExtraAdder(),
     ]
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
+    rendering: list[Any] = [
+        # Never frame locals: they can hold uploaded bytes (release notes) or data keys.
+        structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
         if json
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
-    )
+        else structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()),
+    ]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, *rendering],
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            # Never frame locals: they can hold uploaded bytes (release notes) or data keys.
-            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
-            if json
-            else structlog.processors.format_exc_info,
-            renderer,
-        ],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
     )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(numeric_level)
     # asyncssh logs every packet at debug and every channel at info; warnings are what operators need.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     skip_disabled_asyncssh_logs()

@@ -43,7 +43,7 @@ from cfl_sftp.runtime import Runtime, settle_heap
 from cfl_sftp.sdnotify import Notifier
 from cfl_sftp.sftp import activity
 from cfl_sftp.sftp.proxy import UNTRUSTED_REASON, WAITING_CAP_REASON, ProxyProtocolListener
-from cfl_sftp.sftp.ssh import LibrarySSHServer
+from cfl_sftp.sftp.ssh import LibrarySSHServer, prepare_usernames_once
 from cfl_sftp.sftp.transport import DirectListener
 from cfl_sftp.sftp.wire import drop_needless_packet_work
 from cfl_sftp.storage.audit_store import AuditEvent
@@ -378,6 +378,7 @@ async def start(config: Config, deployment: Deployment | None = None, notifier: 
                 ) -> RunningService:
     """Start listening; the caller runs the loop. Used by ``serve``, the demo and the tests."""
     drop_needless_packet_work()
+    prepare_usernames_once()
     deployment = deployment or Deployment.open(config)
     signer = await asyncio.to_thread(AuditSigner.load, config)  # a bad audit key refuses to start
     await asyncio.to_thread(deployment.db.upgrade_if_empty)
@@ -422,6 +423,8 @@ async def start(config: Config, deployment: Deployment | None = None, notifier: 
                 agent_forwarding=False,
                 x11_forwarding=False,
                 allow_pty=False,
+                # Without a pty asyncssh's line editor never edits, but it still wraps every session channel.
+                line_editor=False,
                 keepalive_interval=60,
                 login_timeout=60,
                 # No GSS-API (asyncssh would otherwise also look up this host's FQDN again at every login).

@@ -1,8 +1,12 @@
-"""asyncssh's log calls with the level check first (cfl_sftp.logs.skip_disabled_asyncssh_logs)."""
+"""asyncssh's log calls with the level check first (cfl_sftp.logs.skip_disabled_asyncssh_logs), and the service's
+log lines (cfl_sftp.logs.configure_logging, in a child process: it reconfigures logging process-wide)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 
 import asyncssh
 from asyncssh.logging import SSHLogger, logger
@@ -44,3 +48,46 @@ def test_an_enabled_asyncssh_log_call_reads_as_asyncssh_writes_it(asyncssh_recor
     assert asyncssh_records[0].getMessage() == "[conn=1] Accepted from named,x on 127.0.0.1, port 22"
     assert "Sent packet type 21, 1 byte" in asyncssh_records[1].getMessage()
     assert named.formatted == 1
+
+
+_LOGGING_SCRIPT = """
+import logging, structlog
+from cfl_sftp.logs import configure_logging
+configure_logging(level=LEVEL, json=True)
+log = structlog.get_logger("cfl_sftp.example")
+structlog.contextvars.bind_contextvars(session="0a1b2c3d4e5f")
+log.debug("not_shown")
+log.info("login_accepted", user="northern-ops", peer="127.0.0.1:40000")
+logging.getLogger("asyncssh").info("asyncssh info is below its level")
+logging.getLogger("asyncssh").warning("Connection lost from %s", "127.0.0.1")
+try:
+    raise ValueError("meter-secret")
+except ValueError:
+    log.exception("request_failed", request="READ")
+"""
+
+
+def _log_lines(level: str) -> list[dict[str, object]]:
+    run = subprocess.run([sys.executable, "-c", _LOGGING_SCRIPT.replace("LEVEL", repr(level))],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert run.stderr == ""
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+def test_our_lines_and_other_libraries_records_come_out_alike_as_json() -> None:
+    """One JSON object per line on stdout, in order, whether a line comes from structlog (written directly) or
+    from a library's stdlib logger; each carries the level, a UTC timestamp and the session's bound context; an
+    exception is rendered as data, without frame locals."""
+    lines = _log_lines("info")
+    assert [line["event"] for line in lines] == ["login_accepted", "Connection lost from 127.0.0.1", "request_failed"]
+    assert [line["level"] for line in lines] == ["info", "warning", "error"]
+    assert all(line["session"] == "0a1b2c3d4e5f" and str(line["timestamp"]).endswith("Z") for line in lines)
+    assert lines[0]["user"] == "northern-ops"
+    exception = lines[2]["exception"]
+    assert isinstance(exception, list)
+    assert exception[0]["exc_type"] == "ValueError"
+    assert all("locals" not in frame for frame in exception[0]["frames"])
+
+
+def test_the_configured_level_filters_our_lines_and_the_libraries_records() -> None:
+    assert [line["event"] for line in _log_lines("warning")] == ["Connection lost from 127.0.0.1", "request_failed"]
