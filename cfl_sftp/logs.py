@@ -22,8 +22,9 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
 
     Our own lines are rendered by structlog and written straight to stdout; records of other libraries
     (asyncssh, SQLAlchemy, Alembic) pass through stdlib ``logging`` and the same processors, so both come out
-    alike. Sending our lines through ``logging`` as well (``LogRecord``, handler lock, formatter) cost about 6 %
-    of the server's CPU per login at two lines per session (benchmarks/README.md).
+    alike. Through ``logging`` as well (a ``LogRecord``, the handler's lock, the formatter), a session's two
+    INFO lines cost about 6 % of the server's CPU per login; written directly, about half that
+    (docs/decisions.md).
     """
     if json is None:
         json = not sys.stdout.isatty()
