@@ -16,6 +16,20 @@ from asyncssh.logging import SSHLogger
 from asyncssh.packet import SSHPacketLogger
 from structlog.tracebacks import ExceptionDictTransformer
 
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
+           "error": logging.ERROR, "exception": logging.ERROR, "critical": logging.CRITICAL,
+           "fatal": logging.CRITICAL}
+_level = logging.INFO
+"""The level last configured. A logger is bound to the configuration in force at its first use and keeps it, so
+the level is read at each call rather than built into the logger: ``cfl-sftp demo`` configures WARNING while it
+builds the demo, then ``serve`` configures INFO, and the loggers used in between must follow."""
+
+
+def _drop_below_level(_logger: Any, method_name: str, event_dict: Any) -> Any:
+    if _LEVELS.get(method_name, logging.INFO) < _level:
+        raise structlog.DropEvent
+    return event_dict
+
 
 def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
     """Route structlog and stdlib logging to stdout; JSON unless stdout is a terminal (or ``json`` says).
@@ -26,9 +40,11 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
     INFO lines cost about 6 % of the server's CPU per login; written directly, about half that
     (docs/decisions.md).
     """
+    global _level  # noqa: PLW0603 - the one setting every logger reads at each call
     if json is None:
         json = not sys.stdout.isatty()
     numeric_level = logging.getLevelName(level.upper())
+    _level = numeric_level
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -42,9 +58,9 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()),
     ]
     structlog.configure(
-        processors=[*shared, *rendering],
+        processors=[_drop_below_level, *shared, *rendering],
         logger_factory=structlog.WriteLoggerFactory(sys.stdout),
-        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(

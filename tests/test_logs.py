@@ -91,3 +91,24 @@ def test_our_lines_and_other_libraries_records_come_out_alike_as_json() -> None:
 
 def test_the_configured_level_filters_our_lines_and_the_libraries_records() -> None:
     assert [line["event"] for line in _log_lines("warning")] == ["Connection lost from 127.0.0.1", "request_failed"]
+
+
+def test_a_logger_used_before_the_level_changes_follows_the_new_level() -> None:
+    """``cfl-sftp demo`` configures WARNING while it builds the demo, then ``serve`` configures INFO: a module's
+    logger first used in between logs at INFO afterwards, as a logger first used later does."""
+    script = """
+import structlog
+from cfl_sftp.logs import configure_logging
+configure_logging(level="warning", json=True)
+early = structlog.get_logger("cfl_sftp.intake")
+early.info("package_received", outcome="accepted")
+configure_logging(level="info", json=True)
+early.info("package_received", outcome="held")
+structlog.get_logger("cfl_sftp.service").info("service_started")
+configure_logging(level="error", json=True)
+early.warning("not_shown")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [(line["event"], line.get("outcome")) for line in lines] == [
+        ("package_received", "held"), ("service_started", None)]
