@@ -6,6 +6,7 @@ settings stay as they were.
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -37,7 +38,11 @@ print(faults() - before)
 
 
 def page_faults_of_replies(mode: str) -> int:
-    result = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True)
+    """In a fresh interpreter whose malloc starts from glibc's own defaults: the environment's malloc settings
+    (``MALLOC_*`` variables, ``GLIBC_TUNABLES``) are left out, since "default" means glibc's."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("MALLOC_") and name != "GLIBC_TUNABLES"}
+    result = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True, env=env)
     return int(result.stdout)
 
 
