@@ -7,9 +7,12 @@ contextvars by the SFTP layer and appears on every line it causes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import sys
-from typing import Any
+import threading
+from typing import Any, TextIO
 
 import structlog
 from asyncssh.logging import SSHLogger
@@ -23,6 +26,32 @@ _level = logging.INFO
 """The level last configured. A logger is bound to the configuration in force at its first use and keeps it, so
 the level is read at each call rather than built into the logger: ``cfl-sftp demo`` configures WARNING while it
 builds the demo, then ``serve`` configures INFO, and the loggers used in between must follow."""
+
+
+class StdoutLines:
+    """Where structlog writes our lines: one write and a flush each, under a lock, as structlog's ``WriteLogger``.
+    Unlike it, and like ``logging``'s handlers, a write that fails (stdout closed, its reader gone) never reaches
+    the code that logged, which may be an ``except`` block, a background loop or an asyncssh callback: the line
+    is lost and a note goes to stderr."""
+
+    def __init__(self, file: TextIO, *_args: Any) -> None:
+        self._file = file
+        self._lock = _OUTPUT_LOCK
+
+    def msg(self, message: str) -> None:
+        try:
+            with self._lock:
+                self._file.write(message + "\n")
+                self._file.flush()
+        except (OSError, ValueError) as exc:  # ValueError: the file is closed
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(f"--- log line lost: {type(exc).__name__}: {exc}\n")
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+_OUTPUT_LOCK = threading.Lock()
 
 
 def _drop_below_level(_logger: Any, method_name: str, event_dict: Any) -> Any:
@@ -41,9 +70,11 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
     (docs/decisions.md).
     """
     global _level  # noqa: PLW0603 - the one setting every logger reads at each call
+    numeric_level = logging.getLevelNamesMapping().get(level.upper())
+    if numeric_level is None:
+        raise ValueError(f"unknown log level {level!r}")
     if json is None:
         json = not sys.stdout.isatty()
-    numeric_level = logging.getLevelName(level.upper())
     _level = numeric_level
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -59,7 +90,7 @@ def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
     ]
     structlog.configure(
         processors=[_drop_below_level, *shared, *rendering],
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        logger_factory=functools.partial(StdoutLines, sys.stdout),
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         cache_logger_on_first_use=True,
     )

@@ -112,3 +112,40 @@ early.warning("not_shown")
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert [(line["event"], line.get("outcome")) for line in lines] == [
         ("package_received", "held"), ("service_started", None)]
+
+
+def test_a_log_line_that_cannot_be_written_is_lost_without_failing_the_caller() -> None:
+    """As ``logging``'s handlers do: stdout gone (here closed under the logger), the caller carries on and stderr
+    says a line was lost; a library's record through ``logging`` behaves the same."""
+    script = """
+import logging, os, sys, structlog
+from cfl_sftp.logs import configure_logging
+configure_logging(json=True)
+log = structlog.get_logger("cfl_sftp.example")
+log.info("before")
+sys.stdout.flush()
+os.close(1)
+log.info("login_accepted", user="northern-ops")
+log.exception("checkpoint_failed")
+logging.getLogger("asyncssh").warning("Connection lost")
+sys.stderr.write("carried on\\n")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    assert [json.loads(line)["event"] for line in run.stdout.splitlines()] == ["before"]
+    assert run.stderr.count("--- log line lost: OSError") == 2
+    assert run.stderr.rstrip().endswith("carried on")
+
+
+def test_an_unknown_level_is_refused_and_changes_nothing() -> None:
+    script = """
+import structlog
+from cfl_sftp.logs import configure_logging
+configure_logging(level="info", json=True)
+try:
+    configure_logging(level="verbose", json=True)
+except ValueError as exc:
+    structlog.get_logger("x").info("refused", error=str(exc))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert [json.loads(line)["error"] for line in run.stdout.splitlines()] == ["unknown log level 'verbose'"]
