@@ -1,8 +1,8 @@
 """The TCP side under asyncssh: each connection's writes leave for the socket once per turn of the event loop, and
 its reads reach asyncssh in pieces of about one packet (:class:`PacketSizedReads`, which says why).
 
-asyncssh hands every SSH packet to its transport on its own, so a 255 KiB READ reply becomes 8 transport writes of
-32 KiB: 8 system calls (16 while asyncssh also put an empty ``MSG_IGNORE`` before each, see :mod:`.wire`).
+Every SSH packet reaches the transport on its own (from :mod:`.wire`, as a sealed header and body), so a 255 KiB
+READ reply becomes 8 packets of 32 KiB: 8 system calls or more if each went to the socket at once.
 :class:`CoalescingTransport` queues the writes a connection makes during one callback and passes them to the socket
 in one ``writelines`` (one ``writev``) at the loop's next turn; on a 1 GiB download that is a few per cent less
 server CPU per GB and 5-30 % more MB/s, as the client is woken once per reply (benchmarks/README.md). Nothing else
